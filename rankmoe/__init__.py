@@ -1,0 +1,39 @@
+"""rankmoe: Mixture-of-Ranks LoRA as a PEFT method — every LoRA rank is an expert.
+
+Importing this package registers the PEFT method ``RANKMOE`` so that ``get_peft_model``,
+``PeftModel.from_pretrained`` and diffusers' ``add_adapter`` accept :class:`RankMoEConfig`.
+"""
+
+from rankmoe import peft_compat
+from rankmoe.condition import clear_condition, condition, rankmoe_layers, set_condition
+from rankmoe.config import RankMoEConfig
+from rankmoe.layer import Conv, Linear, RankMoELayer
+from rankmoe.losses import register_balance_loss
+from rankmoe.model import RankMoEModel
+from rankmoe.records import RoutingRecord
+from rankmoe.routers import Router, register_router
+from rankmoe.stats import LayerRoutingStats, routing_stats, routing_summary
+
+peft_compat.register_with_peft(RankMoEConfig, RankMoEModel)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Conv",
+    "LayerRoutingStats",
+    "Linear",
+    "RankMoEConfig",
+    "RankMoELayer",
+    "RankMoEModel",
+    "Router",
+    "RoutingRecord",
+    "__version__",
+    "clear_condition",
+    "condition",
+    "rankmoe_layers",
+    "register_balance_loss",
+    "register_router",
+    "routing_stats",
+    "routing_summary",
+    "set_condition",
+]

@@ -1,0 +1,87 @@
+"""Routing statistics read from the layers' last routing records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rankmoe.condition import rankmoe_layers
+from rankmoe.routers.selection import active_ranks, selection_mask
+
+
+@dataclass
+class LayerRoutingStats:
+    """Routing statistics of one adapter in one layer, from its last forward.
+
+    Attributes:
+        mean_active_ranks: Mean ranks in use per routing decision (shared + ``expert_rank`` per selected expert).
+        slot_load: ``(s,)`` fraction of decisions that selected each slot (sums to ``top_k``).
+        zero_fraction: Fraction of all selections that went to zero slots.
+        num_decisions: Routing decisions behind the numbers (tokens or samples).
+        level: ``"token"``, ``"sample"`` or ``"shared"`` (nothing routed).
+    """
+
+    mean_active_ranks: float
+    slot_load: torch.Tensor
+    zero_fraction: float
+    num_decisions: int
+    level: str
+
+
+def routing_stats(model: nn.Module, adapter_name: str | None = None) -> dict[str, LayerRoutingStats]:
+    """Per-layer routing statistics of the last forward.
+
+    Layers whose adapter routes nothing (every rank shared) report their ``r`` as active ranks. Layers that
+    have not run since the adapter was added are left out.
+
+    Args:
+        model: A model carrying RankMoE adapters.
+        adapter_name: Adapter to report; defaults to each layer's first active adapter.
+
+    Returns:
+        ``{module name: LayerRoutingStats}``.
+    """
+    stats: dict[str, LayerRoutingStats] = {}
+    for name, layer in rankmoe_layers(model):
+        adapter = adapter_name or next(iter(layer.active_adapters), None)
+        if adapter is None or adapter not in layer.slot_layout:
+            continue
+        layout = layer.slot_layout[adapter]
+        if not layout.is_routed:
+            stats[name] = LayerRoutingStats(float(layout.r), torch.zeros(0), 0.0, 0, "shared")
+            continue
+        record = layer._rankmoe_records.get(adapter)
+        if record is None:
+            continue
+        with torch.no_grad():
+            top = record.flat("top_indices")
+            load = selection_mask(top, layout.num_slots).float().mean(dim=0)
+            zero = float((top >= layout.num_experts).float().mean())
+            stats[name] = LayerRoutingStats(
+                mean_active_ranks=float(active_ranks(top, layout).mean()),
+                slot_load=load.cpu(),
+                zero_fraction=zero,
+                num_decisions=int(top.shape[0]),
+                level=record.level,
+            )
+    return stats
+
+
+def routing_summary(model: nn.Module, adapter_name: str | None = None) -> str:
+    """A plain-text table of :func:`routing_stats`: one line per layer and the overall mean."""
+    stats = routing_stats(model, adapter_name)
+    if not stats:
+        return "no routing recorded yet (run a forward pass first)"
+    width = max(len(name) for name in stats)
+    lines = [f"{'layer'.ljust(width)}  level   active ranks  zero-slot share  max/mean slot load"]
+    for name, item in stats.items():
+        balance = float(item.slot_load.max() / item.slot_load.mean()) if item.slot_load.numel() else float("nan")
+        lines.append(
+            f"{name.ljust(width)}  {item.level:<6}  {item.mean_active_ranks:12.2f}  {item.zero_fraction:15.3f}"
+            f"  {balance:18.2f}"
+        )
+    overall = sum(item.mean_active_ranks for item in stats.values()) / len(stats)
+    lines.append(f"{'mean'.ljust(width)}          {overall:12.2f}")
+    return "\n".join(lines)
