@@ -82,7 +82,15 @@ class RankMoELayer(BaseTunerLayer):
         return (r, self.in_features, *kernel), (self.out_features, r, *ones)
 
     def update_layer(self, adapter_name: str, config: RankMoEConfig, **kwargs: Any) -> None:
-        """Create (or replace) adapter ``adapter_name`` on this layer from ``config``."""
+        """Create (or replace) adapter ``adapter_name`` on this layer from ``config``.
+
+        Raises:
+            ValueError: If ``adapter_name`` clashes with a method of the adapter containers (``keys``, ``copy``, ...).
+        """
+        if hasattr(nn.ParameterDict, adapter_name) or hasattr(nn.ModuleDict, adapter_name):
+            raise ValueError(
+                f"adapter_name={adapter_name!r} cannot be used: it is the name of a container method; choose another"
+            )
         layout = config.slot_layout
         self.r[adapter_name] = config.r
         self.lora_alpha[adapter_name] = config.lora_alpha
@@ -121,26 +129,40 @@ class RankMoELayer(BaseTunerLayer):
         return 1 if x.dim() <= unbatched_dim else int(x.shape[0])
 
     def _resolve_condition(self) -> ConditionState | None:
-        """The condition to route with; during a checkpoint recomputation, the one the forward used."""
+        """The condition to route with.
+
+        A forward with gradients remembers its condition, so an activation-checkpoint recomputation during
+        ``backward()`` replays exactly that condition, even after the ``with rankmoe.condition(...)`` block exited or
+        inside another one. The replay is refused when it would be ambiguous (several gradient-enabled forwards with
+        different conditions before one backward); an evaluation forward (no gradients, ``eval()`` mode) in between
+        forgets the remembered condition, and the active condition, if any, is used.
+        """
         state = self._rankmoe_condition
         if torch.compiler.is_compiling():
             return state
+        stash = self._rankmoe_stash
         if torch._C._current_graph_task_id() != -1:  # inside backward: activation-checkpoint recomputation
-            if state is None and self._rankmoe_stash is not None:
-                if self._rankmoe_stash_ambiguous:
-                    raise RuntimeError(
-                        "activation checkpointing recomputes a RankMoE layer after its condition context exited, "
-                        "but several forwards with different conditions ran before this backward; call backward() "
-                        "inside `with rankmoe.condition(...)` or run one forward per backward"
-                    )
-                state = self._rankmoe_stash
-            if state is self._rankmoe_stash:
+            if stash is not None and not self._rankmoe_stash_ambiguous:
                 self._rankmoe_stash_consumed = True
+                return stash
+            if self._rankmoe_stash_ambiguous:
+                raise RuntimeError(
+                    "activation checkpointing recomputes a RankMoE layer, but several forwards with gradients and "
+                    "different conditions ran before this backward, so the condition to replay is ambiguous; run "
+                    "one forward per backward (wrap other forwards in torch.no_grad()) or call backward() inside "
+                    "the condition context"
+                )
             return state
-        if state is not None and state is not self._rankmoe_stash:
-            self._rankmoe_stash_ambiguous = self._rankmoe_stash is not None and not self._rankmoe_stash_consumed
+        if state is None or state is stash:
+            return state
+        if torch.is_grad_enabled() or self.training:  # may be replayed (reentrant checkpointing runs under no_grad)
+            self._rankmoe_stash_ambiguous = stash is not None and not self._rankmoe_stash_consumed
             self._rankmoe_stash = state
             self._rankmoe_stash_consumed = False
+        else:
+            # an evaluation forward is never replayed; the remembered condition may no longer be the last
+            self._rankmoe_stash = None
+            self._rankmoe_stash_ambiguous = False
         return state
 
     def _route(

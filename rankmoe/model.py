@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -55,6 +56,16 @@ class RankMoEModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """Checkpoint key of a model key: drop the adapter name after every ``rankmoe_*`` container.
+
+        ``...lin0.rankmoe_A.default`` becomes ``...lin0.rankmoe_A`` and ``...lin0.rankmoe_router.default.proj.weight``
+        becomes ``...lin0.rankmoe_router.proj.weight``, so an adapter saved under one name loads under any other.
+        """
+        pattern = rf"(\.{re.escape(cls.prefix)}[A-Za-z0-9_]+)\.{re.escape(adapter_name)}(?=\.|$)"
+        return re.sub(pattern, r"\1", key)
 
     def _check_new_adapter_config(self, config: RankMoEConfig) -> None:
         super()._check_new_adapter_config(config)

@@ -132,7 +132,7 @@ def test_checkpointing_with_ambiguous_forwards_raises() -> None:
         first = model(x).sum()
     with rankmoe.condition(model, torch.rand(2, 3)):
         second = model(x).sum()
-    with pytest.raises(RuntimeError, match="several forwards with different conditions"):
+    with pytest.raises(RuntimeError, match="several forwards with gradients and different conditions"):
         (first + second).backward()
 
 
@@ -152,3 +152,52 @@ def test_transformers_gradient_checkpointing_matches() -> None:
     g_plain, g_ckpt = _grads(plain), _grads(ckpt)
     for key in g_plain:
         torch.testing.assert_close(g_ckpt[key], g_plain[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpoint_replays_the_forwards_condition(use_reentrant) -> None:
+    """Evaluation forwards in between and backward inside another context still replay the right condition."""
+
+    class Checkpointed(MLP):
+        def forward(self, x):
+            return checkpoint(super().forward, x, use_reentrant=use_reentrant)
+
+    torch.manual_seed(0)
+    plain = get_peft_model(MLP(), cond_config())
+    ckpt = get_peft_model(Checkpointed(), cond_config())
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 4, 16, requires_grad=True)
+    cond, other = torch.rand(2, 3) * 3, -torch.rand(2, 3) * 3
+    with rankmoe.condition(plain, cond):
+        plain(x).pow(2).sum().backward()
+    # an evaluation pass with another condition first, then the training forward, then backward in another context
+    ckpt.eval()
+    with torch.no_grad(), rankmoe.condition(ckpt, other):
+        ckpt(x)
+    ckpt.train()
+    with rankmoe.condition(ckpt, cond):
+        loss = ckpt(x).pow(2).sum()
+    with rankmoe.condition(ckpt, other):
+        loss.backward()
+    g_plain, g_ckpt = _grads(plain), _grads(ckpt)
+    for key in g_plain:
+        torch.testing.assert_close(g_ckpt[key], g_plain[key], rtol=0, atol=0, msg=key)
+
+
+def test_adapter_loaded_under_another_name_keeps_its_router(tmp_path) -> None:
+    base = MLP()
+    model = get_peft_model(copy.deepcopy(base), cond_config())
+    x, cond = torch.randn(2, 4, 16), torch.rand(2, 3)
+    with rankmoe.condition(model, cond):
+        expected = model(x)
+    model.save_pretrained(tmp_path)
+    other = get_peft_model(copy.deepcopy(base), cond_config())
+    other.load_adapter(tmp_path, adapter_name="second")
+    other.set_adapter("second")
+    with rankmoe.condition(other, cond):
+        torch.testing.assert_close(other(x), expected, rtol=0, atol=0)
+
+
+def test_adapter_names_that_clash_with_container_methods_are_refused(mlp) -> None:
+    with pytest.raises(ValueError, match="adapter_name='keys'"):
+        get_peft_model(mlp, cond_config(), adapter_name="keys")
