@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -27,7 +28,7 @@ class RankMoEConfig(PeftConfig):
     ``(r - m) / expert_rank`` routed experts of ``expert_rank`` ranks each. The router scores the routed
     experts plus ``num_zero_experts`` zero slots in one softmax and keeps ``top_k`` of them per token (or per
     sample); a selected zero slot contributes nothing, so the number of active ranks varies between
-    ``m + expert_rank * max(0, top_k - num_zero_experts)`` and ``m + expert_rank * top_k``. The layer computes
+    ``m + expert_rank * max(0, top_k - num_zero_experts)`` and ``m + expert_rank * min(top_k, num_experts)``. The layer computes
     ``y = W x + B (g * (A x))`` where the gate ``g`` (shared 1, routed = router weight, unselected 0) carries the
     scaling ``lora_alpha / r``.
 
@@ -197,5 +198,18 @@ class RankMoEConfig(PeftConfig):
                 f"balance_loss={self.balance_loss!r} is not registered; use None or one of {BALANCE_LOSSES.names()}"
             )
         check_json_object("balance_loss_kwargs", self.balance_loss_kwargs)
+        if self.balance_loss is not None:
+            loss_fn = BALANCE_LOSSES.get(self.balance_loss)
+            accepted = [
+                name
+                for name, param in inspect.signature(loss_fn).parameters.items()
+                if param.default is not inspect.Parameter.empty
+            ]
+            unknown = sorted(set(self.balance_loss_kwargs) - set(accepted))
+            if unknown:
+                raise ValueError(
+                    f"balance_loss_kwargs has unknown key(s) {unknown} for balance_loss={self.balance_loss!r}; "
+                    f"accepted keys: {accepted}"
+                )
         check_positive_float("balance_loss_weight", self.balance_loss_weight, allow_zero=True)
         check_positive_float("z_loss_weight", self.z_loss_weight, allow_zero=True)

@@ -175,6 +175,12 @@ class RankMoELayer(BaseTunerLayer):
             return scaling
         router = self.rankmoe_router[adapter]
         batch_size = self._batch_size(x)
+        if router.requires_condition and (state is None or state.condition is None):
+            raise ValueError(
+                f"router {self.router_name[adapter]!r} of adapter {adapter!r} needs a per-sample condition but none "
+                "is set; wrap the call in `with rankmoe.condition(model, cond): ...` or call "
+                "rankmoe.set_condition(model, cond)"
+            )
         if state is not None and state.batch_size != batch_size:
             raise ValueError(
                 f"the condition set with rankmoe.condition has batch size {state.batch_size}, but layer input "

@@ -29,8 +29,10 @@ class RankMoEModel(BaseTuner):
 
     Args:
         model: The model to adapt.
-        config: Adapter configs by name (as PEFT passes them).
+        peft_config: The adapter's :class:`~rankmoe.RankMoEConfig` (or configs by adapter name, as PEFT passes them).
         adapter_name: Name of the first adapter.
+        low_cpu_mem_usage: Create the adapter weights on the meta device (PEFT's option).
+        state_dict: Optional state dict used to find the target modules (PEFT's option).
     """
 
     prefix: str = peft_compat.PREFIX

@@ -72,6 +72,8 @@ def test_public_fields_exist_and_json_round_trip(tmp_path) -> None:
         ({"balance_loss": "nope"}, "balance_loss"),
         ({"balance_loss_kwargs": {"s": {1, 2}}}, "balance_loss_kwargs"),
         ({"balance_loss_weight": -0.1}, "balance_loss_weight"),
+        ({"balance_loss": "switch", "balance_loss_kwargs": {"alpha": 1.0}}, "balance_loss_kwargs"),
+        ({"balance_loss": "degradation_aware", "balance_loss_kwargs": {"alpah": 1.0}}, "balance_loss_kwargs"),
         ({"z_loss_weight": float("inf")}, "z_loss_weight"),
         ({"target_modules": [1, 2]}, "target_modules"),
         ({"modules_to_save": "head"}, "modules_to_save"),

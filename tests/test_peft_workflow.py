@@ -191,3 +191,23 @@ def test_tiny_unet_add_adapter_with_condition(tmp_path) -> None:
             fresh(sample, t, encoder_hidden_states=text).sample, unet(sample, t, encoder_hidden_states=text).sample,
             rtol=0, atol=0,
         )
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "circular"])
+def test_conv_padding_modes_match_dense_weight(padding_mode) -> None:
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 5, kernel_size=3, padding=1, padding_mode=padding_mode))
+    model = get_peft_model(net, RankMoEConfig(r=6, num_shared_ranks=2, top_k=2, num_zero_experts=1, router="static",
+                                              target_modules=["0"], init_weights=False))
+    layer = model.base_model.model[0]
+    x = torch.randn(2, 3, 7, 6)
+    with torch.no_grad():
+        delta = model(x) - layer.base_layer(x)
+        padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode=padding_mode)
+        expected = torch.nn.functional.conv2d(padded, layer.get_delta_weight("default"))
+    torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-5)
+    token_model = get_peft_model(
+        torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1, padding_mode=padding_mode)),
+        RankMoEConfig(r=4, num_shared_ranks=1, top_k=1, target_modules=["0"]),
+    )
+    assert token_model(x).shape == (2, 5, 7, 6)
+    assert token_model.base_model.model[0].rankmoe_router["default"].proj.padding_mode == padding_mode

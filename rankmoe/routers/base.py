@@ -84,6 +84,7 @@ class LayerSpec:
         stride: Convolution stride per spatial dimension.
         padding: Convolution padding per spatial dimension (or a string such as ``"same"``).
         dilation: Convolution dilation per spatial dimension.
+        padding_mode: Convolution padding mode (``"zeros"``, ``"reflect"``, ``"replicate"``, ``"circular"``).
     """
 
     kind: LayerKind
@@ -93,6 +94,7 @@ class LayerSpec:
     stride: tuple[int, ...] = ()
     padding: tuple[int, ...] | str = ()
     dilation: tuple[int, ...] = ()
+    padding_mode: str = "zeros"
 
     @classmethod
     def from_conv(cls, conv: nn.Conv1d | nn.Conv2d) -> LayerSpec:
@@ -105,6 +107,7 @@ class LayerSpec:
             stride=tuple(conv.stride),
             padding=conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
             dilation=tuple(conv.dilation),
+            padding_mode=conv.padding_mode,
         )
 
 
@@ -140,8 +143,11 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
     """
 
     level: ClassVar[RoutingLevel] = "token"
+    """``"token"``: one decision per token (logits keep the token axes); ``"sample"``: one per sample ``(b, s)``."""
     requires_condition: ClassVar[bool] = False
+    """Whether the router reads ``RoutingInputs.condition``; the layer then refuses to run without one."""
     is_static: ClassVar[bool] = False
+    """Whether the logits never depend on the input (then :meth:`fixed_logits` returns them and merging works)."""
 
     def __init__(self, layout: SlotLayout, spec: LayerSpec) -> None:
         super().__init__()

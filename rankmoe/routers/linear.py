@@ -19,7 +19,7 @@ class LinearRouter(Router):
 
     For linear layers a token is one position of the input ``(..., d)``; logits are ``(..., s)``. For
     convolutions a token is one *output* position: the router is a convolution with the base layer's
-    kernel, stride, padding and dilation, so its logits ``(b, *spatial_out, s)`` line up with the output.
+    kernel, stride, padding, padding mode and dilation, so its logits ``(b, *spatial_out, s)`` line up with the output.
 
     Args:
         layout: Slot layout.
@@ -43,6 +43,7 @@ class LinearRouter(Router):
                 stride=spec.stride,
                 padding=spec.padding,
                 dilation=spec.dilation,
+                padding_mode=spec.padding_mode,
                 bias=bias,
             )
         else:
