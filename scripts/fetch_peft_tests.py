@@ -83,7 +83,10 @@ def download_sdist(version: str, download_dir: Path) -> Path:
         raise FetchError(f"could not run {' '.join(command)}: {exc}") from exc
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
-        raise FetchError(f"`{' '.join(command)}` failed with exit status {result.returncode}:\n{tail}")
+        raise FetchError(
+            f"could not download the source distribution of peft=={version} (is PyPI reachable?): "
+            f"`{' '.join(command)}` failed with exit status {result.returncode}:\n{tail}"
+        )
     archives = sorted(p for p in download_dir.iterdir() if p.name.endswith((".tar.gz", ".zip")))
     if not archives:
         raise FetchError(f"pip reported success but saved no peft source archive in {download_dir}")
