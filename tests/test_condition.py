@@ -94,9 +94,9 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("backward_inside", [True, False])
-@pytest.mark.parametrize("use_reentrant", [False, True])
-def test_checkpointing_gives_identical_gradients(backward_inside, use_reentrant) -> None:
+def checkpointed_pair(use_reentrant: bool):
+    """A plain and an activation-checkpointed copy of the same conditioned RankMoE model."""
+
     class Checkpointed(MLP):
         def forward(self, x):
             return checkpoint(super().forward, x, use_reentrant=use_reentrant)
@@ -105,6 +105,13 @@ def test_checkpointing_gives_identical_gradients(backward_inside, use_reentrant)
     plain = get_peft_model(MLP(), cond_config())
     ckpt = get_peft_model(Checkpointed(), cond_config())
     ckpt.load_state_dict(plain.state_dict())
+    return plain, ckpt
+
+
+@pytest.mark.parametrize("backward_inside", [True, False])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpointing_gives_identical_gradients(backward_inside, use_reentrant) -> None:
+    plain, ckpt = checkpointed_pair(use_reentrant)
     x = torch.randn(2, 4, 16, requires_grad=True)
     cond, severity = torch.rand(2, 3) * 3, torch.tensor([0.1, 0.8])
     for model in (plain, ckpt):
@@ -158,14 +165,7 @@ def test_transformers_gradient_checkpointing_matches() -> None:
 def test_checkpoint_replays_the_forwards_condition(use_reentrant) -> None:
     """Evaluation forwards in between and backward inside another context still replay the right condition."""
 
-    class Checkpointed(MLP):
-        def forward(self, x):
-            return checkpoint(super().forward, x, use_reentrant=use_reentrant)
-
-    torch.manual_seed(0)
-    plain = get_peft_model(MLP(), cond_config())
-    ckpt = get_peft_model(Checkpointed(), cond_config())
-    ckpt.load_state_dict(plain.state_dict())
+    plain, ckpt = checkpointed_pair(use_reentrant)
     x = torch.randn(2, 4, 16, requires_grad=True)
     cond, other = torch.rand(2, 3) * 3, -torch.rand(2, 3) * 3
     with rankmoe.condition(plain, cond):

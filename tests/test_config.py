@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.utils.peft_types import PeftType
 
+import rankmoe
 from rankmoe import RankMoEConfig
 from tests.conftest import MLP
 from tests.strategies import slot_layouts
@@ -120,6 +121,15 @@ config_values = st.fixed_dictionaries(
 )
 
 
+def assert_reload_identical(model, base, x, cond, folder) -> None:
+    """Save ``model``'s adapter, load it onto a copy of ``base`` and compare outputs bit for bit."""
+    model.save_pretrained(folder)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), folder)
+    model.eval()
+    with rankmoe.condition(model, cond), rankmoe.condition(loaded, cond):
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
 @given(values=config_values, seed=st.integers(0, 100))
 def test_drawn_configs_work_or_name_a_field(values, seed, tmp_path_factory) -> None:
     try:
@@ -133,18 +143,11 @@ def test_drawn_configs_work_or_name_a_field(values, seed, tmp_path_factory) -> N
     model = get_peft_model(copy.deepcopy(base), config)
     x = torch.randn(2, 3, 16)
     cond = torch.rand(2, 3)
-    from rankmoe import condition
-
-    with condition(model, cond):
+    with rankmoe.condition(model, cond):
         out = model(x)
         out.sum().backward()
     assert torch.isfinite(out).all()
-    folder = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(folder)
-    loaded = PeftModel.from_pretrained(copy.deepcopy(base), folder)
-    model.eval()
-    with condition(model, cond), condition(loaded, cond):
-        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert_reload_identical(model, base, x, cond, tmp_path_factory.mktemp("adapter"))
 
 
 @given(
@@ -159,15 +162,8 @@ def test_valid_layouts_always_build_train_and_reload(layout, router, alpha, tmp_
                            router=router, router_kwargs=kwargs, target_modules=["lin0", "lin1"], init_weights=False)
     base = MLP()
     model = get_peft_model(copy.deepcopy(base), config)
-    from rankmoe import condition
-
     x, cond = torch.randn(2, 3, 16), torch.rand(2, 3)
-    with condition(model, cond):
+    with rankmoe.condition(model, cond):
         model(x).pow(2).mean().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "rankmoe_B" in n)
-    folder = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(folder)
-    loaded = PeftModel.from_pretrained(copy.deepcopy(base), folder)
-    model.eval()
-    with condition(model, cond), condition(loaded, cond):
-        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert_reload_identical(model, base, x, cond, tmp_path_factory.mktemp("adapter"))
