@@ -28,8 +28,8 @@ class RankMoEConfig(PeftConfig):
     ``(r - m) / expert_rank`` routed experts of ``expert_rank`` ranks each. The router scores the routed
     experts plus ``num_zero_experts`` zero slots in one softmax and keeps ``top_k`` of them per token (or per
     sample); a selected zero slot contributes nothing, so the number of active ranks varies between
-    ``m + expert_rank * max(0, top_k - num_zero_experts)`` and ``m + expert_rank * min(top_k, num_experts)``. The layer computes
-    ``y = W x + B (g * (A x))`` where the gate ``g`` (shared 1, routed = router weight, unselected 0) carries the
+    ``m + expert_rank * max(0, top_k - num_zero_experts)`` and ``m + expert_rank * min(top_k, num_experts)``.
+    The layer computes ``y = W x + B (g * (A x))`` where the gate ``g`` (shared 1, routed = router weight, unselected 0) carries the
     scaling ``lora_alpha / r``.
 
     Every field is plain JSON. Impossible combinations raise ``ValueError`` naming the field and value.

@@ -149,8 +149,8 @@ class RankMoELayer(BaseTunerLayer):
                 raise RuntimeError(
                     "activation checkpointing recomputes a RankMoE layer, but several forwards with gradients and "
                     "different conditions ran before this backward, so the condition to replay is ambiguous; run "
-                    "one forward per backward (wrap other forwards in torch.no_grad()) or call backward() inside "
-                    "the condition context"
+                    "one backward per conditioned training forward, and run evaluation forwards in eval() mode "
+                    "under torch.no_grad()"
                 )
             return state
         if state is None or state is stash:
