@@ -8,7 +8,7 @@ from rankmoe import peft_compat
 from rankmoe.condition import clear_condition, condition, rankmoe_layers, set_condition
 from rankmoe.config import RankMoEConfig
 from rankmoe.layer import Conv, Linear, RankMoELayer
-from rankmoe.losses import register_balance_loss
+from rankmoe.losses import AuxLoss, BalanceInputs, BalanceLoss, aux_loss, register_balance_loss, update_selection_bias
 from rankmoe.model import RankMoEModel
 from rankmoe.records import RoutingRecord
 from rankmoe.routers import Router, register_router
@@ -19,6 +19,9 @@ peft_compat.register_with_peft(RankMoEConfig, RankMoEModel)
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuxLoss",
+    "BalanceInputs",
+    "BalanceLoss",
     "Conv",
     "LayerRoutingStats",
     "Linear",
@@ -28,6 +31,7 @@ __all__ = [
     "Router",
     "RoutingRecord",
     "__version__",
+    "aux_loss",
     "clear_condition",
     "condition",
     "rankmoe_layers",
@@ -36,4 +40,5 @@ __all__ = [
     "routing_stats",
     "routing_summary",
     "set_condition",
+    "update_selection_bias",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -56,10 +55,17 @@ class RankMoEConfig(PeftConfig):
             ``condition`` (per sample, external condition; needs ``router_kwargs['condition_dim']``), ``static``
             (fixed) or a name registered with :func:`rankmoe.register_router`.
         router_kwargs: Keyword arguments of the router (plain JSON).
-        balance_loss: Registered balance loss (``switch``, ``degradation_aware``) or ``None``.
+        balance_loss: Registered balance loss (``switch``, ``degradation_aware``, ``z_loss``, or one registered with
+            :func:`rankmoe.register_balance_loss`) or ``None``. Applied by :func:`rankmoe.aux_loss`.
         balance_loss_kwargs: Keyword arguments of the balance loss (plain JSON).
         balance_loss_weight: Weight of the balance loss (>= 0).
         z_loss_weight: Weight of the router z-loss (>= 0).
+        selection_bias_update_rate: Step ``gamma`` of bias balancing (DeepSeek-V3 style): each call of
+            :func:`rankmoe.update_selection_bias` moves a per-slot bias, used for top-k selection only, by
+            ``gamma`` toward balanced load. 0 turns it off.
+        target_active_ranks: Mean active ranks per routing decision that every layer is steered toward by moving
+            its zero slots' selection bias (needs ``selection_bias_update_rate > 0`` and zero slots). ``None``: no
+            budget.
 
     Example:
         >>> cfg = RankMoEConfig(r=40, num_shared_ranks=8, top_k=8, num_zero_experts=4, target_modules=["q"])
@@ -99,6 +105,12 @@ class RankMoEConfig(PeftConfig):
     )
     balance_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the balance loss."})
     z_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the router z-loss."})
+    selection_bias_update_rate: float = field(
+        default=0.0, metadata={"help": "Step of the selection-only bias balancing (0 = off)."}
+    )
+    target_active_ranks: Optional[float] = field(
+        default=None, metadata={"help": "Mean active ranks per layer to steer toward (needs bias balancing)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -164,6 +176,7 @@ class RankMoEConfig(PeftConfig):
         self._validate_targets()
         self._validate_router(num_slots)
         self._validate_losses()
+        self._validate_bias_balancing()
 
     def _validate_targets(self) -> None:
         for name in ("target_modules", "exclude_modules"):
@@ -199,17 +212,32 @@ class RankMoEConfig(PeftConfig):
             )
         check_json_object("balance_loss_kwargs", self.balance_loss_kwargs)
         if self.balance_loss is not None:
-            loss_fn = BALANCE_LOSSES.get(self.balance_loss)
-            accepted = [
-                name
-                for name, param in inspect.signature(loss_fn).parameters.items()
-                if param.default is not inspect.Parameter.empty
-            ]
-            unknown = sorted(set(self.balance_loss_kwargs) - set(accepted))
-            if unknown:
-                raise ValueError(
-                    f"balance_loss_kwargs has unknown key(s) {unknown} for balance_loss={self.balance_loss!r}; "
-                    f"accepted keys: {accepted}"
-                )
+            BALANCE_LOSSES.get(self.balance_loss).check_kwargs(self.balance_loss_kwargs)
         check_positive_float("balance_loss_weight", self.balance_loss_weight, allow_zero=True)
         check_positive_float("z_loss_weight", self.z_loss_weight, allow_zero=True)
+
+    def _validate_bias_balancing(self) -> None:
+        rate = check_positive_float("selection_bias_update_rate", self.selection_bias_update_rate, allow_zero=True)
+        layout = self.slot_layout
+        if rate > 0 and (not layout.is_routed or ROUTERS.get(self.router).is_static):
+            raise ValueError(
+                f"selection_bias_update_rate={rate} needs routed slots and a learned router, but router="
+                f"{self.router!r} with {layout.num_slots} routed slots has nothing to balance; set it to 0"
+            )
+        target = self.target_active_ranks
+        if target is None:
+            return
+        check_positive_float("target_active_ranks", target, allow_zero=True)
+        if rate == 0 or layout.num_zero_experts == 0 or layout.num_experts == 0:
+            raise ValueError(
+                f"target_active_ranks={target} is steered through the zero slots' selection bias: it needs "
+                f"selection_bias_update_rate > 0 (got {rate}), num_zero_experts > 0 (got {layout.num_zero_experts}) "
+                f"and routed experts (got {layout.num_experts})"
+            )
+        low = layout.num_shared_ranks + layout.expert_rank * max(0, layout.top_k - layout.num_zero_experts)
+        high = layout.num_shared_ranks + layout.expert_rank * min(layout.top_k, layout.num_experts)
+        if not low <= target <= high:
+            raise ValueError(
+                f"target_active_ranks={target} is out of reach: with this layout each routing decision uses between "
+                f"{low} and {high} ranks; choose a target in [{low}, {high}]"
+            )

@@ -16,6 +16,7 @@ from torch import nn
 
 from rankmoe.config import RankMoEConfig
 from rankmoe.functional import gated_conv_delta, gated_delta_weight, gated_linear_delta
+from rankmoe.losses.modules import BalanceSettings
 from rankmoe.records import ConditionState, RoutingRecord
 from rankmoe.routers.base import LayerSpec, RoutingInputs, SlotLayout
 from rankmoe.routers.registry import get_router_class
@@ -37,7 +38,9 @@ class RankMoELayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("rankmoe_A", "rankmoe_B", "rankmoe_router")
-    other_param_names = ("r", "lora_alpha", "scaling", "slot_layout", "router_name", "rankmoe_dropout")
+    other_param_names = (
+        "r", "lora_alpha", "scaling", "slot_layout", "router_name", "rankmoe_dropout", "balance_settings"
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -46,6 +49,7 @@ class RankMoELayer(BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.slot_layout: dict[str, SlotLayout] = {}
         self.router_name: dict[str, str] = {}
+        self.balance_settings: dict[str, BalanceSettings] = {}
         self.rankmoe_dropout = nn.ModuleDict({})
         self.rankmoe_A = nn.ParameterDict({})
         self.rankmoe_B = nn.ParameterDict({})
@@ -97,6 +101,7 @@ class RankMoELayer(BaseTunerLayer):
         self.scaling[adapter_name] = config.lora_alpha / config.r
         self.slot_layout[adapter_name] = layout
         self.router_name[adapter_name] = config.router
+        self.balance_settings[adapter_name] = BalanceSettings.from_config(config)
         dropout = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.rankmoe_dropout[adapter_name] = dropout
         shape_a, shape_b = self._adapter_weight_shapes(config.r)
@@ -193,7 +198,7 @@ class RankMoELayer(BaseTunerLayer):
             severity=None if state is None else state.severity,
         )
         logits = router(inputs)
-        routing = select_top_k(logits, layout)
+        routing = select_top_k(logits, layout, router.selection_bias)
         self._rankmoe_records[adapter] = RoutingRecord(
             layout=layout,
             level=router.level,
@@ -241,7 +246,7 @@ class RankMoELayer(BaseTunerLayer):
             gates = torch.ones(layout.r, device=weight.device)
         else:
             logits = self.rankmoe_router[adapter].fixed_logits().unsqueeze(0)
-            gates = select_top_k(logits, layout).rank_gates[0]
+            gates = select_top_k(logits, layout, self.rankmoe_router[adapter].selection_bias).rank_gates[0]
         return gates.to(weight.device) * self.scaling[adapter]
 
     # ------------------------------------------------------------------ merging

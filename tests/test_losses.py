@@ -63,4 +63,4 @@ def test_z_loss_matches_formula() -> None:
 
 
 def test_registry_names() -> None:
-    assert BALANCE_LOSSES.names() == ["degradation_aware", "switch"]
+    assert BALANCE_LOSSES.names() == ["degradation_aware", "switch", "z_loss"]

@@ -137,6 +137,10 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
     Top-k selection and gate construction are shared (see :mod:`rankmoe.routers.selection`) so that
     every router obeys the same slot semantics.
 
+    Every router also owns a ``selection_bias`` buffer ``(s,)`` (zeros unless bias balancing is enabled with
+    ``RankMoEConfig(selection_bias_update_rate=...)``). It is added to the logits for top-k *selection only*, never
+    to the gate values, and it is saved and loaded with the adapter.
+
     Args:
         layout: Slot layout of the adapter.
         spec: Geometry of the adapted layer.
@@ -153,6 +157,7 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
         super().__init__()
         self.layout = layout
         self.spec = spec
+        self.register_buffer("selection_bias", torch.zeros(layout.num_slots))
 
     @classmethod
     def check_kwargs(cls, kwargs: dict[str, Any], layout: SlotLayout) -> None:

@@ -53,12 +53,14 @@ class Routing:
     rank_gates: torch.Tensor
 
 
-def select_top_k(logits: torch.Tensor, layout: SlotLayout) -> Routing:
+def select_top_k(logits: torch.Tensor, layout: SlotLayout, selection_bias: torch.Tensor | None = None) -> Routing:
     """Select ``layout.top_k`` slots per row of ``logits`` and build slot and rank gates.
 
     Args:
         logits: Slot logits ``(..., s)`` with ``s == layout.num_slots``; any floating dtype (computed in float32).
         layout: The adapter's slot layout.
+        selection_bias: Optional per-slot bias ``(s,)`` added to the logits for choosing the top-k slots only
+            (DeepSeek-V3 style bias balancing). The gate values still come from the unbiased probabilities.
 
     Returns:
         The :class:`Routing` (see the module docstring for the rule).
@@ -78,7 +80,11 @@ def select_top_k(logits: torch.Tensor, layout: SlotLayout) -> Routing:
             f"num_slots={layout.num_slots} (experts={layout.num_experts} + zero={layout.num_zero_experts})"
         )
     probs = torch.softmax(logits.float(), dim=-1)
-    top_probs, top_indices = probs.topk(layout.top_k, dim=-1)
+    if selection_bias is None:
+        top_probs, top_indices = probs.topk(layout.top_k, dim=-1)
+    else:
+        top_indices = (logits.float() + selection_bias.float()).topk(layout.top_k, dim=-1).indices
+        top_probs = probs.gather(-1, top_indices)
     denominator = top_probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
     top_weights = top_probs * (layout.top_k / denominator)
     slot_gates = torch.zeros_like(probs).scatter(-1, top_indices, top_weights)
