@@ -12,7 +12,8 @@ from rankmoe.losses import AuxLoss, BalanceInputs, BalanceLoss, aux_loss, regist
 from rankmoe.model import RankMoEModel
 from rankmoe.records import RoutingRecord
 from rankmoe.routers import Router, register_router
-from rankmoe.stats import LayerRoutingStats, routing_stats, routing_summary
+from rankmoe.plots import plot_routing
+from rankmoe.stats import LayerRoutingStats, RoutingTracker, overall_active_ranks, routing_stats, routing_summary
 
 peft_compat.register_with_peft(RankMoEConfig, RankMoEModel)
 
@@ -30,10 +31,13 @@ __all__ = [
     "RankMoEModel",
     "Router",
     "RoutingRecord",
+    "RoutingTracker",
     "__version__",
     "aux_loss",
     "clear_condition",
     "condition",
+    "overall_active_ranks",
+    "plot_routing",
     "rankmoe_layers",
     "register_balance_loss",
     "register_router",
