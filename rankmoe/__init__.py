@@ -10,10 +10,11 @@ from rankmoe.config import RankMoEConfig
 from rankmoe.layer import Conv, Linear, RankMoELayer
 from rankmoe.losses import AuxLoss, BalanceInputs, BalanceLoss, aux_loss, register_balance_loss, update_selection_bias
 from rankmoe.model import RankMoEModel
+from rankmoe.plots import plot_routing
 from rankmoe.records import RoutingRecord
 from rankmoe.routers import Router, register_router
-from rankmoe.plots import plot_routing
-from rankmoe.stats import LayerRoutingStats, RoutingTracker, overall_active_ranks, routing_stats, routing_summary
+from rankmoe.stats import LayerRoutingStats, overall_active_ranks, routing_stats, routing_summary
+from rankmoe.tracker import RoutingTracker
 
 peft_compat.register_with_peft(RankMoEConfig, RankMoEModel)
 

@@ -112,5 +112,5 @@ def condition(
     try:
         yield model
     finally:
-        for (_, layer), old in zip(layers, previous):
+        for (_, layer), old in zip(layers, previous, strict=True):
             layer._rankmoe_condition = old

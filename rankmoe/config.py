@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from peft.config import PeftConfig
 
@@ -28,7 +28,8 @@ class RankMoEConfig(PeftConfig):
     experts plus ``num_zero_experts`` zero slots in one softmax and keeps ``top_k`` of them per token (or per
     sample); a selected zero slot contributes nothing, so the number of active ranks varies between
     ``m + expert_rank * max(0, top_k - num_zero_experts)`` and ``m + expert_rank * min(top_k, num_experts)``.
-    The layer computes ``y = W x + B (g * (A x))`` where the gate ``g`` (shared 1, routed = router weight, unselected 0) carries the
+    The layer computes ``y = W x + B (g * (A x))`` where the gate ``g`` (shared 1, routed = router weight,
+    unselected 0) carries the
     scaling ``lora_alpha / r``.
 
     Every field is plain JSON. Impossible combinations raise ``ValueError`` naming the field and value.
@@ -80,26 +81,26 @@ class RankMoEConfig(PeftConfig):
     num_zero_experts: int = field(default=0, metadata={"help": "Zero-expert slots."})
     lora_alpha: float = field(default=8, metadata={"help": "Scaling numerator (scaling = lora_alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or regex to adapt."}
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or regex not to adapt."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Layer indices to adapt."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list, used with layers_to_transform."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained and saved in full."}
     )
     init_weights: bool = field(default=True, metadata={"help": "True: B = 0 (identity start)."})
     bias: Literal["none", "all"] = field(default="none", metadata={"help": "'none' or 'all'."})
     router: str = field(default="linear", metadata={"help": "Registered router name."})
     router_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Router keyword arguments."})
-    balance_loss: Optional[str] = field(default=None, metadata={"help": "Registered balance loss name or None."})
+    balance_loss: str | None = field(default=None, metadata={"help": "Registered balance loss name or None."})
     balance_loss_kwargs: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Balance loss keyword arguments."}
     )
@@ -108,7 +109,7 @@ class RankMoEConfig(PeftConfig):
     selection_bias_update_rate: float = field(
         default=0.0, metadata={"help": "Step of the selection-only bias balancing (0 = off)."}
     )
-    target_active_ranks: Optional[float] = field(
+    target_active_ranks: float | None = field(
         default=None, metadata={"help": "Mean active ranks per layer to steer toward (needs bias balancing)."}
     )
 
@@ -186,7 +187,8 @@ class RankMoEConfig(PeftConfig):
             if not isinstance(value, (set, list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{name} must be None, a regex string or a list of strings, got {value!r}")
         if self.modules_to_save is not None and (
-            not isinstance(self.modules_to_save, (list, tuple)) or not all(isinstance(v, str) for v in self.modules_to_save)
+            not isinstance(self.modules_to_save, (list, tuple))
+            or not all(isinstance(v, str) for v in self.modules_to_save)
         ):
             raise ValueError(f"modules_to_save must be None or a list of strings, got {self.modules_to_save!r}")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:

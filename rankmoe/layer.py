@@ -285,7 +285,9 @@ class RankMoELayer(BaseTunerLayer):
                 if safe_merge:
                     merged = base.weight.data + delta
                     if not torch.isfinite(merged).all():
-                        raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                        raise ValueError(
+                            f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken"
+                        )
                     base.weight.data = merged
                 else:
                     base.weight.data += delta
@@ -294,7 +296,7 @@ class RankMoELayer(BaseTunerLayer):
     def unmerge(self) -> None:
         """Subtract every merged adapter from the base weight."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
         while self.merged_adapters:

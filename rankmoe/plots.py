@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from rankmoe.stats import RoutingTracker
+from rankmoe.tracker import RoutingTracker
 
 PLOT_KINDS = ("slot_load", "active_ranks", "severity")
 """Keys of the dict returned by :func:`plot_routing`, in the order the files are written."""
@@ -45,7 +45,7 @@ def plot_routing(
 
     Args:
         source: A model carrying RankMoE adapters (its layers' last routing records are plotted: one forward)
-            or a :class:`~rankmoe.stats.RoutingTracker` (its window is plotted).
+            or a :class:`~rankmoe.tracker.RoutingTracker` (its window is plotted).
         out_dir: Folder for the files; created if missing.
         adapter_name: Adapter to plot when ``source`` is a model; defaults to each layer's first active adapter.
             A tracker plots the adapter it tracks.

@@ -74,7 +74,8 @@ def test_bias_is_saved_and_loaded_with_the_adapter(tmp_path) -> None:
         rankmoe.update_selection_bias(model)
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(reference, tmp_path)
-    for (_, saved_layer), (_, loaded_layer) in zip(rankmoe.rankmoe_layers(model), rankmoe.rankmoe_layers(loaded)):
+    pairs = zip(rankmoe.rankmoe_layers(model), rankmoe.rankmoe_layers(loaded), strict=True)
+    for (_, saved_layer), (_, loaded_layer) in pairs:
         saved_bias = saved_layer.rankmoe_router["default"].selection_bias
         assert saved_bias.abs().sum() > 0
         torch.testing.assert_close(loaded_layer.rankmoe_router["default"].selection_bias, saved_bias)

@@ -49,7 +49,7 @@ def reference_z(logits, decision_weights=None) -> float:
     if sum(decision_weights) == 0:
         return 0.0
     values = [np.log(np.sum(np.exp(logits[row]))) ** 2 for row in range(t)]
-    return sum(w * v for w, v in zip(decision_weights, values)) / sum(decision_weights)
+    return sum(w * v for w, v in zip(decision_weights, values, strict=True)) / sum(decision_weights)
 
 
 @st.composite
@@ -71,8 +71,8 @@ def test_losses_match_loop_references(batch) -> None:
     logits, probs, selected, k, num_experts, severity, mask = batch
     weights = None if mask is None else mask.numpy()
     p, sel = probs.numpy(), selected.numpy()
-    np.testing.assert_allclose(float(switch_loss(probs, selected, k, mask)), reference_balance(p, sel, k, None, weights),
-                               rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(float(switch_loss(probs, selected, k, mask)),
+                               reference_balance(p, sel, k, None, weights), rtol=1e-6, atol=1e-12)
     slot_weights = np.ones_like(p)
     slot_weights[:, num_experts:] = severity.numpy()[:, None]
     got = degradation_aware_loss(probs, selected, k, num_experts, severity, alpha=0.3, weights=mask)
@@ -96,7 +96,8 @@ def test_losses_are_invariant_to_permuting_slots(batch, data) -> None:
     logits, probs, selected, k, num_experts, severity, mask = batch
     s = probs.shape[-1]
     perm = torch.tensor(data.draw(st.permutations(range(s))))
-    torch.testing.assert_close(switch_loss(probs[:, perm], selected[:, perm], k, mask), switch_loss(probs, selected, k, mask))
+    torch.testing.assert_close(switch_loss(probs[:, perm], selected[:, perm], k, mask),
+                               switch_loss(probs, selected, k, mask))
     torch.testing.assert_close(z_loss(logits[:, perm], mask), z_loss(logits, mask))
     # the degradation-aware loss distinguishes real from zero slots: permute within each group
     real = torch.tensor(data.draw(st.permutations(range(num_experts))), dtype=torch.long)

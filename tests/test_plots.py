@@ -13,7 +13,7 @@ from peft import get_peft_model, inject_adapter_in_model
 import rankmoe
 from rankmoe import RankMoEConfig
 from rankmoe.plots import PLOT_KINDS, plot_routing
-from rankmoe.stats import RoutingTracker
+from rankmoe.tracker import RoutingTracker
 
 pytest.importorskip("matplotlib")
 

@@ -10,7 +10,8 @@ from peft import get_peft_model
 
 import rankmoe
 from rankmoe import RankMoEConfig
-from rankmoe.stats import RoutingTracker, overall_active_ranks
+from rankmoe.stats import overall_active_ranks
+from rankmoe.tracker import RoutingTracker
 
 LIN0 = "base_model.model.lin0"
 LIN1 = "base_model.model.lin1"

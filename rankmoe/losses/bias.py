@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from rankmoe.losses.collect import balance_inputs, routed_records
-from rankmoe.losses.functional import weighted_mean, selection_bias_update, selection_fraction
+from rankmoe.losses.functional import selection_bias_update, selection_fraction, weighted_mean
 from rankmoe.routers.selection import active_ranks
 
 

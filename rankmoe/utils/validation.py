@@ -67,7 +67,9 @@ def check_json_object(name: str, value: Any) -> dict[str, Any]:
     try:
         restored = json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{name} must be plain JSON (str keys; str/int/float/bool/None/list/dict values): {error}")
+        raise ValueError(
+            f"{name} must be plain JSON (str keys; str/int/float/bool/None/list/dict values): {error}"
+        ) from error
     if restored != value:
         raise ValueError(
             f"{name} does not survive a JSON round trip unchanged (tuples or non-str keys?): {value!r} -> {restored!r}"
