@@ -11,7 +11,7 @@ export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 workers="${PYTEST_WORKERS:-2}"
 
 echo "== rankmoe tests"
-"$python" -m pytest tests --ignore=tests/upstream -n "$workers" -p no:cacheprovider "$@"
+"$python" -m pytest tests rankmoe integrations --doctest-modules --ignore=tests/upstream -n "$workers" -p no:cacheprovider "$@"
 
 echo "== PEFT's generic tuner tests with RankMoE rows"
 "$python" scripts/fetch_peft_tests.py

@@ -70,7 +70,7 @@ def select_top_k(logits: torch.Tensor, layout: SlotLayout, selection_bias: torch
 
     Example:
         >>> layout = SlotLayout(r=4, num_shared_ranks=1, top_k=2, num_zero_experts=1)
-        >>> routing = select_top_k(torch.tensor([[0.0, 0.0, -1e9, 0.0]]), layout)
+        >>> routing = select_top_k(torch.tensor([[0.0, 0.0, -1e9, -1.0]]), layout)
         >>> routing.rank_gates
         tensor([[1., 1., 1., 0.]])
     """
