@@ -6,7 +6,9 @@ Importing this package registers the PEFT method ``RANKMOE`` so that ``get_peft_
 
 from rankmoe import peft_compat
 from rankmoe.condition import clear_condition, condition, rankmoe_layers, set_condition
+from rankmoe.collapse import CollapsedLoRA, collapse
 from rankmoe.config import RankMoEConfig
+from rankmoe.export import export_lora
 from rankmoe.layer import Conv, Linear, RankMoELayer
 from rankmoe.losses import AuxLoss, BalanceInputs, BalanceLoss, aux_loss, register_balance_loss, update_selection_bias
 from rankmoe.model import RankMoEModel
@@ -24,6 +26,7 @@ __all__ = [
     "AuxLoss",
     "BalanceInputs",
     "BalanceLoss",
+    "CollapsedLoRA",
     "Conv",
     "LayerRoutingStats",
     "Linear",
@@ -36,7 +39,9 @@ __all__ = [
     "__version__",
     "aux_loss",
     "clear_condition",
+    "collapse",
     "condition",
+    "export_lora",
     "overall_active_ranks",
     "plot_routing",
     "rankmoe_layers",
