@@ -333,11 +333,13 @@ class RankMoELayer(BaseTunerLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
         state = self._resolve_condition()
         for adapter in self.active_adapters:
             if adapter in self.rankmoe_A:
-                result = result + self._adapter_delta(x, adapter, state).to(result.dtype)
-        return result
+                # add in the wider dtype (fp32 adapters on a bf16 base), round once, as PEFT's LoRA does
+                result = result + self._adapter_delta(x, adapter, state)
+        return result.to(result_dtype)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any

@@ -93,3 +93,19 @@ def test_all_shared_merge_matches_peft_lora_merge(name, model_cls, targets, shap
     for key, value in merged_lora.state_dict().items():
         torch.testing.assert_close(merged_moe.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
     torch.testing.assert_close(merged_moe(x), merged_lora(x), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_base_with_fp32_adapters_rounds_like_peft_lora() -> None:
+    """fp32 adapters on a bf16 base: the update is added in fp32 and rounded once, bit for bit as PEFT's LoRA."""
+    torch.manual_seed(0)
+    lora, moe = _pair(MLP, ["lin0", "lin1"])
+    for model in (lora, moe):
+        for name, module in model.base_model.model.named_modules():
+            if hasattr(module, "base_layer"):
+                module.base_layer.to(torch.bfloat16)
+    x = torch.randn(4, 16)
+    out_lora = lora.base_model.model.lin0(x.to(torch.bfloat16))
+    out_moe = moe.base_model.model.lin0(x.to(torch.bfloat16))
+    assert out_moe.dtype == out_lora.dtype == torch.bfloat16
+    assert next(moe.base_model.model.lin0.rankmoe_A.parameters()).dtype == torch.float32
+    torch.testing.assert_close(out_moe, out_lora, rtol=0, atol=0)
