@@ -74,6 +74,7 @@ def main() -> None:
     config = RankMoEConfig(
         r=16, num_shared_ranks=4, top_k=4, num_zero_experts=2, lora_alpha=16,
         target_modules=["up", "down"], router="pooled",
+        balance_loss="switch", balance_loss_weight=0.01, z_loss_weight=1e-3,
     )
     model = get_peft_model(copy.deepcopy(base), config)
     model.print_trainable_parameters()
@@ -83,16 +84,19 @@ def main() -> None:
     x_val, y_val, cluster_val = sample(512)
     with torch.no_grad():
         base_mse = torch.nn.functional.mse_loss(base(x_val), y_val).item()
+    tracker = rankmoe.RoutingTracker(model, window=50)  # routing of the last 50 training steps
     start = time.perf_counter()
     progress = tqdm(range(args.steps), desc="training", unit="step")
     for step in progress:
         x, y, _ = sample(args.batch_size)
-        loss = torch.nn.functional.mse_loss(model(x), y)
+        mse = torch.nn.functional.mse_loss(model(x), y)
+        aux = rankmoe.aux_loss(model)  # Switch balance loss + router z-loss of both routed layers
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (mse + aux.total).backward()
         optimizer.step()
+        tracker.update()
         if step % 20 == 0:
-            progress.set_postfix(mse=f"{loss.item():.4f}")
+            progress.set_postfix(mse=f"{mse.item():.4f}", aux=f"{aux.total.item():.4f}")
     elapsed = time.perf_counter() - start
 
     model.eval()
@@ -102,6 +106,8 @@ def main() -> None:
           f"({args.steps} steps in {elapsed:.1f} s)")
     print("\nrouting on the validation batch:")
     print(rankmoe.routing_summary(model))
+    print(f"\nrouting over the last {tracker.num_updates} training steps:")
+    print(tracker.summary())
 
     record = model.base_model.model.up._rankmoe_records["default"]
     print("\nmost used experts of layer 'up' per cluster (slot index, share of samples):")
@@ -113,6 +119,11 @@ def main() -> None:
         print(f"  cluster {cluster}: {share}")
 
     args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        plots = rankmoe.plot_routing(tracker, args.out / "plots")
+        print("\nrouting plots: " + ", ".join(str(path) for path in plots.values()))
+    except ImportError as error:  # matplotlib is optional (pip install "rankmoe[plots]")
+        print(f"\nno routing plots: {error}")
     model.save_pretrained(args.out)
     reloaded = PeftModel.from_pretrained(copy.deepcopy(base), args.out).eval()
     with torch.no_grad():
