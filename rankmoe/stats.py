@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from rankmoe.condition import rankmoe_layers
+from rankmoe.losses.collect import decision_weights
+from rankmoe.losses.functional import weighted_mean
 from rankmoe.routers.selection import active_ranks, selection_mask
 
 
@@ -40,7 +42,9 @@ class LayerRoutingStats:
     level: str
 
 
-def routing_stats(model: nn.Module, adapter_name: str | None = None) -> dict[str, LayerRoutingStats]:
+def routing_stats(
+    model: nn.Module, adapter_name: str | None = None, token_mask: torch.Tensor | None = None
+) -> dict[str, LayerRoutingStats]:
     """Per-layer routing statistics of the last forward.
 
     Layers whose adapter routes nothing (every rank shared) report their ``r`` as active ranks. Layers that
@@ -49,9 +53,14 @@ def routing_stats(model: nn.Module, adapter_name: str | None = None) -> dict[str
     Args:
         model: A model carrying RankMoE adapters.
         adapter_name: Adapter to report; defaults to each layer's first active adapter.
+        token_mask: Optional padding / attention mask ``(b, n)`` of the last forward (nonzero = real token);
+            masked positions are left out (see :func:`rankmoe.losses.collect.decision_weights`).
 
     Returns:
         ``{module name: LayerRoutingStats}``.
+
+    Raises:
+        ValueError: If ``token_mask`` does not fit a token-routed layer.
     """
     stats: dict[str, LayerRoutingStats] = {}
     for name, layer in rankmoe_layers(model):
@@ -66,14 +75,15 @@ def routing_stats(model: nn.Module, adapter_name: str | None = None) -> dict[str
         if record is None:
             continue
         with torch.no_grad():
+            weights = decision_weights(record, token_mask, name)
             top = record.flat("top_indices")
-            load = selection_mask(top, layout.num_slots).float().mean(dim=0)
-            zero = float((top >= layout.num_experts).float().mean())
+            load = weighted_mean(selection_mask(top, layout.num_slots), weights)
+            zero = float(weighted_mean((top >= layout.num_experts).float().mean(dim=-1), weights))
             stats[name] = LayerRoutingStats(
-                mean_active_ranks=float(active_ranks(top, layout).mean()),
+                mean_active_ranks=float(weighted_mean(active_ranks(top, layout), weights)),
                 slot_load=load.cpu(),
                 zero_fraction=zero,
-                num_decisions=int(top.shape[0]),
+                num_decisions=int(top.shape[0]) if weights is None else int(weights.sum()),
                 level=record.level,
             )
     return stats

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from rankmoe.condition import rankmoe_layers
+from rankmoe.losses.collect import decision_weights
 from rankmoe.records import RoutingRecord
 from rankmoe.routers.base import SlotLayout
 from rankmoe.routers.selection import active_ranks, selection_mask
@@ -172,10 +173,14 @@ class RoutingTracker:
         self._seen: dict[str, weakref.ref[RoutingRecord]] = {}
 
     # ------------------------------------------------------------------ accumulation
-    def update(self) -> int:
+    def update(self, token_mask: torch.Tensor | None = None) -> int:
         """Count the last routing record of every layer.
 
         Call it once after each forward (before the next forward overwrites the records).
+
+        Args:
+            token_mask: Optional padding / attention mask ``(b, n)`` of that forward (nonzero = real token);
+                masked positions are not counted (see :func:`rankmoe.losses.collect.decision_weights`).
 
         Returns:
             The number of layers whose record was counted (layers that have not run since the last update are
@@ -195,7 +200,7 @@ class RoutingTracker:
                 if record is None or (seen is not None and seen() is record):
                     continue
                 self._seen[name] = weakref.ref(record)
-                counts, pair = _count_record(record)
+                counts, pair = _count_record(record, decision_weights(record, token_mask, name))
                 entry[name] = counts
                 total = self._totals.get(name)
                 if total is None or total.layout != counts.layout:
@@ -408,23 +413,32 @@ def _load_balance(slot_load: torch.Tensor) -> float:
     return float(slot_load.max()) / mean if mean > 0 and math.isfinite(mean) else float("nan")
 
 
-def _count_record(record: RoutingRecord) -> tuple[_Counts, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Reduce one routing record to CPU counts and, with a severity, per-sample (ranks, severity) pairs."""
+def _count_record(
+    record: RoutingRecord, weights: torch.Tensor | None = None
+) -> tuple[_Counts, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Reduce one routing record to CPU counts and, with a severity, per-sample (ranks, severity) pairs.
+
+    ``weights`` ``(t,)`` (0/1 from a padding mask) leave decisions out of every count.
+    """
     layout = record.layout
     top = record.top_indices.detach()
     flat = top.reshape(-1, top.shape[-1])
     ranks = active_ranks(top, layout)
+    keep = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device) if weights is None else weights.ne(0)
     counts = _Counts(
         layout=layout,
         level=record.level,
-        slot_counts=selection_mask(flat, layout.num_slots).sum(dim=0).to(torch.int64).cpu(),
-        rank_counts=torch.bincount(ranks.reshape(-1).long(), minlength=layout.r + 1).to(torch.int64).cpu(),
-        num_decisions=int(flat.shape[0]),
+        slot_counts=selection_mask(flat[keep], layout.num_slots).sum(dim=0).to(torch.int64).cpu(),
+        rank_counts=torch.bincount(ranks.reshape(-1)[keep].long(), minlength=layout.r + 1).to(torch.int64).cpu(),
+        num_decisions=int(keep.sum()),
         num_updates=1,
     )
     severity = record.severity
     batch = int(record.batch_size)
     if severity is None or batch < 1 or severity.numel() != batch or ranks.numel() % batch:
         return counts, None
-    per_sample = ranks.reshape(batch, -1).mean(dim=1).float().cpu()
-    return counts, (per_sample, severity.detach().reshape(-1).float().cpu())
+    keep_per_sample = keep.reshape(batch, -1).float()
+    token_count = keep_per_sample.sum(dim=1)
+    per_sample = (ranks.reshape(batch, -1).float() * keep_per_sample).sum(dim=1) / token_count.clamp_min(1)
+    valid = (token_count > 0).cpu()
+    return counts, (per_sample.cpu()[valid], severity.detach().reshape(-1).float().cpu()[valid])

@@ -254,3 +254,31 @@ def test_tracker_rejects_models_without_rankmoe_layers(mlp) -> None:
         RoutingTracker("model")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="prefix"):
         RoutingTracker(static_model(mlp)).log_dict(prefix=3)  # type: ignore[arg-type]
+
+
+def test_token_mask_leaves_padding_out_of_stats_and_tracker() -> None:
+    """Masked positions count nowhere: the statistics equal those of a forward on the real tokens alone."""
+    import rankmoe
+    from peft import get_peft_model
+
+    from tests.conftest import MLP
+
+    config = rankmoe.RankMoEConfig(r=8, num_shared_ranks=2, top_k=2, num_zero_experts=2, target_modules=["lin0"],
+                                   router="linear", router_kwargs={"init_scale": 3.0})
+    model = get_peft_model(MLP(), config)
+    x = torch.randn(2, 6, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    masked_tracker, plain_tracker = RoutingTracker(model), RoutingTracker(model)
+    model(x)
+    masked = rankmoe.routing_stats(model, token_mask=mask)["base_model.model.lin0"]
+    masked_tracker.update(token_mask=mask)
+    model(x[mask.bool()].unsqueeze(0))
+    plain = rankmoe.routing_stats(model)["base_model.model.lin0"]
+    plain_tracker.update()
+    assert masked.num_decisions == plain.num_decisions == 8
+    torch.testing.assert_close(masked.slot_load, plain.slot_load)
+    assert masked.mean_active_ranks == pytest.approx(plain.mean_active_ranks)
+    assert masked.zero_fraction == pytest.approx(plain.zero_fraction)
+    torch.testing.assert_close(masked_tracker.slot_load()["base_model.model.lin0"],
+                               plain_tracker.slot_load()["base_model.model.lin0"])
+    assert masked_tracker.mean_active_ranks() == pytest.approx(plain_tracker.mean_active_ranks())
