@@ -115,7 +115,8 @@ def main() -> None:
         chosen = record.top_indices[cluster_val == cluster].flatten()
         counts = torch.bincount(chosen, minlength=config.num_slots).float()
         top = counts.topk(config.top_k)
-        share = ", ".join(f"{int(i)}:{c / (cluster_val == cluster).sum():.2f}" for c, i in zip(top.values, top.indices))
+        size = (cluster_val == cluster).sum()
+        share = ", ".join(f"{int(i)}:{c / size:.2f}" for c, i in zip(top.values, top.indices, strict=True))
         print(f"  cluster {cluster}: {share}")
 
     args.out.mkdir(parents=True, exist_ok=True)

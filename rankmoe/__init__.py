@@ -5,8 +5,8 @@ Importing this package registers the PEFT method ``RANKMOE`` so that ``get_peft_
 """
 
 from rankmoe import peft_compat
-from rankmoe.condition import clear_condition, condition, rankmoe_layers, set_condition
 from rankmoe.collapse import CollapsedLoRA, collapse
+from rankmoe.condition import clear_condition, condition, rankmoe_layers, set_condition
 from rankmoe.config import RankMoEConfig
 from rankmoe.export import export_lora
 from rankmoe.layer import Conv, Linear, RankMoELayer

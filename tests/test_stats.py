@@ -258,9 +258,9 @@ def test_tracker_rejects_models_without_rankmoe_layers(mlp) -> None:
 
 def test_token_mask_leaves_padding_out_of_stats_and_tracker() -> None:
     """Masked positions count nowhere: the statistics equal those of a forward on the real tokens alone."""
-    import rankmoe
     from peft import get_peft_model
 
+    import rankmoe
     from tests.conftest import MLP
 
     config = rankmoe.RankMoEConfig(r=8, num_shared_ranks=2, top_k=2, num_zero_experts=2, target_modules=["lin0"],
