@@ -26,7 +26,8 @@ What the call changes, on this trainer instance only (``remove()`` undoes all of
   ``selection_bias_update_rate = 0``.
 * ``trainer.log`` is wrapped (``log_routing=True``): every training log (the one that carries ``loss``) gets
   the means since the previous log of ``rankmoe/aux_loss``, ``rankmoe/balance_loss``, ``rankmoe/z_loss`` and
-  ``rankmoe/mean_active_ranks``. Adding them before ``Trainer.log`` runs puts them in
+  ``rankmoe/mean_active_ranks``, and ``rankmoe/dead_slots``, the number of slots (over all routed layers) that
+  no token selected since the previous log. Adding them before ``Trainer.log`` runs puts them in
   ``trainer.state.log_history`` and in every reporter (TensorBoard, W&B, ...); a callback's ``on_log`` would
   come too late for both.
 
@@ -48,12 +49,15 @@ from rankmoe.condition import rankmoe_layers
 from rankmoe.losses import aux_loss, update_selection_bias, weighted_mean
 from rankmoe.losses.collect import decision_weights, routed_records
 from rankmoe.routers.selection import active_ranks
+from rankmoe.tracker import RoutingTracker
 
 __all__ = ["LOG_KEYS", "RankMoETrainerHandle", "add_rankmoe_to_trainer", "aux_loss_scale"]
 
 #: Keys :func:`add_rankmoe_to_trainer` adds to each training log (``balance_loss`` only when a balance loss is
 #: configured).
-LOG_KEYS = ("rankmoe/aux_loss", "rankmoe/balance_loss", "rankmoe/z_loss", "rankmoe/mean_active_ranks")
+LOG_KEYS = (
+    "rankmoe/aux_loss", "rankmoe/balance_loss", "rankmoe/z_loss", "rankmoe/mean_active_ranks", "rankmoe/dead_slots"
+)
 
 _WRAPPED = ("compute_loss", "log")
 
@@ -67,7 +71,8 @@ def add_rankmoe_to_trainer(
     loss and z-loss of the routers) to the training loss, weighted once per optimizer step under gradient
     accumulation; runs :func:`rankmoe.update_selection_bias` after each micro-batch's backward; and, with
     ``log_routing``, adds the means since the previous log of ``rankmoe/aux_loss``, ``rankmoe/balance_loss``,
-    ``rankmoe/z_loss`` and ``rankmoe/mean_active_ranks`` (over routed layers) to each training log. The logged
+    ``rankmoe/z_loss`` and ``rankmoe/mean_active_ranks`` (over routed layers), and the number of slots no token
+    selected since the previous log, ``rankmoe/dead_slots``, to each training log. The logged
     ``loss`` then includes the aux loss. Evaluation is unchanged (``eval_loss`` is the task loss alone).
 
     Only this trainer instance changes (its ``compute_loss`` and ``log`` are wrapped, one callback is added);
@@ -207,6 +212,7 @@ class RankMoETrainerHandle:
         self._pending_bias: tuple[nn.Module, torch.Tensor | None] | None = None
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+        self._tracker = RoutingTracker(trainer.model)
 
     # ------------------------------------------------------------------ install / remove
     def _install(self) -> None:
@@ -305,6 +311,7 @@ class RankMoETrainerHandle:
     # ------------------------------------------------------------------ logged means
     def _reset_sums(self) -> None:
         self._sums, self._counts = {}, {}
+        self._tracker.reset()
 
     def _add(self, key: str, value: torch.Tensor) -> None:
         value = value.detach().float()
@@ -322,12 +329,19 @@ class RankMoETrainerHandle:
         ]
         if ranks:
             self._add("rankmoe/mean_active_ranks", torch.stack([r.to(ranks[0].device) for r in ranks]).mean())
+        self._tracker.update(token_mask=mask)
 
     def _means(self) -> dict[str, float]:
         keys = sorted(self._sums)
         means = torch.stack([self._sums[key] / self._counts[key] for key in keys])
+        loads = list(self._tracker.slot_load().values())
+        slot_load = torch.cat(loads) if loads else torch.zeros(0)
         accelerator = getattr(self.trainer, "accelerator", None)
         if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
             means = accelerator.reduce(means.to(accelerator.device), reduction="mean")
+            slot_load = accelerator.reduce(slot_load.to(accelerator.device), reduction="sum")
         self._reset_sums()
-        return dict(zip(keys, means.cpu().tolist()))
+        logs = dict(zip(keys, means.cpu().tolist(), strict=True))
+        if loads:  # a slot is dead when no process selected it since the previous log
+            logs["rankmoe/dead_slots"] = float((slot_load == 0).sum())
+        return logs

@@ -276,3 +276,36 @@ def test_errors(tmp_path) -> None:
     plain = make_trainer(tiny_llama(), tmp_path, make_data(2))
     with pytest.raises(ValueError, match="no RankMoE layer"):
         rt.add_rankmoe_to_trainer(plain)
+
+
+def test_dead_slots_are_logged(tmp_path) -> None:
+    """``rankmoe/dead_slots`` counts the slots no token selected since the previous log, over all layers."""
+    model = make_model()
+    layers = rankmoe.rankmoe_layers(model)
+    for _, layer in layers:
+        router = layer.rankmoe_router["default"]
+        router.proj.bias.requires_grad_(False)
+        with torch.no_grad():
+            router.proj.bias[0] = -1e4  # slot 0 can never win top-2 of the 8 slots
+    trainer = make_trainer(model, tmp_path, make_data(12), learning_rate=1e-4)
+    selected_per_step: list[dict[str, set[int]]] = []
+    original = trainer.compute_loss
+
+    def compute_loss(model, inputs, *args, **kwargs):  # hand count: the slots each micro-batch selected
+        loss = original(model, inputs, *args, **kwargs)
+        real = inputs["attention_mask"].bool()
+        selected_per_step.append({
+            name: set(layer._rankmoe_records["default"].top_indices[real].flatten().tolist())
+            for name, layer in layers
+        })
+        return loss
+
+    trainer.compute_loss = compute_loss
+    rt.add_rankmoe_to_trainer(trainer)
+    trainer.train()
+    logs = train_logs(trainer)
+    assert len(logs) == len(selected_per_step) == 3
+    for entry, selected in zip(logs, selected_per_step, strict=True):
+        expected = sum(8 - len(slots) for slots in selected.values())
+        assert all(0 not in slots for slots in selected.values())
+        assert entry["rankmoe/dead_slots"] == expected >= len(layers)
