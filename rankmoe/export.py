@@ -214,7 +214,7 @@ def export_lora(
         weight_name: See :func:`save_lora`.
 
     Returns:
-        The :class:`~rankmoe.collapse.CollapsedLoRA` that was written.
+        The :class:`~rankmoe.collapsed.CollapsedLoRA` that was written.
 
     Raises:
         ValueError: See :func:`rankmoe.collapse.collapse` and :func:`save_lora`.
