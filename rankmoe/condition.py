@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from rankmoe.conditioning.base import DegradationScores
 from rankmoe.layer import RankMoELayer
 from rankmoe.records import ConditionState
 
@@ -27,7 +28,12 @@ def rankmoe_layers(model: nn.Module) -> list[tuple[str, RankMoELayer]]:
     return layers
 
 
-def _validated_state(condition: torch.Tensor | None, severity: torch.Tensor | None) -> ConditionState:
+def _validated_state(
+    condition: torch.Tensor | DegradationScores | None, severity: torch.Tensor | None
+) -> ConditionState:
+    if isinstance(condition, DegradationScores):
+        severity = condition.severity if severity is None else severity
+        condition = condition.scores
     if condition is None and severity is None:
         raise ValueError("pass a condition (b, c) and/or a severity (b,); both are None")
     if condition is not None:
@@ -51,13 +57,18 @@ def _validated_state(condition: torch.Tensor | None, severity: torch.Tensor | No
     return ConditionState(condition=condition, severity=severity)
 
 
-def set_condition(model: nn.Module, condition: torch.Tensor | None, severity: torch.Tensor | None = None) -> None:
+def set_condition(
+    model: nn.Module, condition: torch.Tensor | DegradationScores | None, severity: torch.Tensor | None = None
+) -> None:
     """Set the per-sample condition of every RankMoE layer until :func:`clear_condition`.
 
     Args:
         model: A model carrying RankMoE adapters.
-        condition: ``(b, c)`` condition vectors (read by ``condition`` routers), or ``None``.
-        severity: ``(b,)`` severities in ``[0, 1]`` (recorded for the degradation-aware loss), or ``None``.
+        condition: ``(b, c)`` condition vectors (read by ``condition`` routers), a
+            :class:`~rankmoe.conditioning.DegradationScores` (its ``scores`` are the condition and its ``severity``
+            the severity), or ``None``.
+        severity: ``(b,)`` severities in ``[0, 1]`` (recorded for the degradation-aware loss), or ``None``; overrides
+            the severity of a ``DegradationScores``.
 
     Raises:
         ValueError: On wrong shapes, severities outside ``[0, 1]`` or a model without RankMoE layers.
@@ -75,7 +86,7 @@ def clear_condition(model: nn.Module) -> None:
 
 @contextmanager
 def condition(
-    model: nn.Module, cond: torch.Tensor | None, severity: torch.Tensor | None = None
+    model: nn.Module, cond: torch.Tensor | DegradationScores | None, severity: torch.Tensor | None = None
 ) -> Iterator[nn.Module]:
     """Context manager: route with ``cond`` (and record ``severity``) inside the block, restore afterwards.
 
@@ -86,8 +97,10 @@ def condition(
 
     Args:
         model: A model carrying RankMoE adapters.
-        cond: ``(b, c)`` condition vectors, one row per sample of the batch the model will see, or ``None``.
-        severity: ``(b,)`` severities in ``[0, 1]``, or ``None``.
+        cond: ``(b, c)`` condition vectors, one row per sample of the batch the model will see; or the
+            :class:`~rankmoe.conditioning.DegradationScores` of a degradation estimator (scores and severity in one
+            argument: ``with rankmoe.condition(model, estimator(images)): ...``); or ``None``.
+        severity: ``(b,)`` severities in ``[0, 1]``, or ``None``; overrides the severity of a ``DegradationScores``.
 
     Yields:
         ``model``.
