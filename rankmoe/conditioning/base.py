@@ -8,12 +8,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import nn
 
-SeverityRule = Union[str, Sequence[float], Callable[[torch.Tensor], torch.Tensor]]
+SeverityRule = str | Sequence[float] | Callable[[torch.Tensor], torch.Tensor]
 """How severity is formed from the scores: ``"mean"``, ``"max"``, per-dimension weights, or a callable."""
 
 
