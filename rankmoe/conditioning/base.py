@@ -175,6 +175,7 @@ class DegradationEstimator(nn.Module, metaclass=abc.ABCMeta):
     def __init__(self, severity: SeverityRule = "mean") -> None:
         super().__init__()
         self.severity_rule = severity
+        self.train(False)
 
     def train(self, mode: bool = True) -> DegradationEstimator:
         """Estimators stay in evaluation mode (``train(True)`` is ignored)."""
@@ -203,6 +204,10 @@ class DegradationEstimator(nn.Module, metaclass=abc.ABCMeta):
             TypeError / ValueError: For images that are not floating RGB batches in ``[0, 1]``.
         """
         images = check_images(images)
+        if self.training or any(module.training for module in self.modules()):
+            self.train(False)  # submodules added after __init__ start in training mode
+        if any(param.requires_grad for param in self.parameters()):
+            self.requires_grad_(False)  # frozen: estimators are never trained
         with torch.no_grad():
             scores = self.score(images)
         scores = scores.to(device=images.device, dtype=torch.float32).clamp(0.0, 1.0)
