@@ -1,4 +1,4 @@
-"""The estimator protocol: DegradationScores, severity rules, image checks, anchor formulas, condition(model, scores)."""
+"""The estimator protocol: DegradationScores, severity rules, image checks, anchors, condition(model, scores)."""
 
 from __future__ import annotations
 
