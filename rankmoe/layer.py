@@ -249,6 +249,31 @@ class RankMoELayer(BaseTunerLayer):
             gates = select_top_k(logits, layout, self.rankmoe_router[adapter].selection_bias).rank_gates[0]
         return gates.to(weight.device) * self.scaling[adapter]
 
+    # ------------------------------------------------------------------ scaling (diffusers' LoRA-style weights)
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Set ``adapter``'s scaling to ``scale * lora_alpha / r`` (diffusers' ``set_adapters(weights=...)``)."""
+        if adapter not in self.scaling:
+            return
+        self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the scaling of every active adapter by ``scale`` (diffusers' ``cross_attention_kwargs`` scale)."""
+        if scale == 1:
+            return
+        for adapter in self.active_adapters:
+            if adapter in self.rankmoe_A:
+                self.scaling[adapter] *= scale
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        """Undo :meth:`scale_layer`: divide by ``scale``, or with ``None`` reset to ``lora_alpha / r``."""
+        for adapter in self.active_adapters:
+            if adapter not in self.rankmoe_A:
+                continue
+            if scale is None:
+                self.scaling[adapter] = self.lora_alpha[adapter] / self.r[adapter]
+            else:
+                self.scaling[adapter] /= scale
+
     # ------------------------------------------------------------------ merging
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """Dense update ``B diag(g) A`` of a static adapter, in the base weight's layout and dtype."""
