@@ -7,7 +7,7 @@ Importing this package registers the PEFT method ``RANKMOE`` so that ``get_peft_
 from rankmoe import peft_compat
 from rankmoe.collapse import CollapsedLoRA, collapse
 from rankmoe.condition import clear_condition, condition, rankmoe_layers, set_condition
-from rankmoe.conditioning import DegradationEstimator, DegradationScores
+from rankmoe.conditioning import ConditionCache, DegradationEstimator, DegradationScores, TextAnchorConditioner
 from rankmoe.config import RankMoEConfig
 from rankmoe.export import export_lora
 from rankmoe.layer import Conv, Linear, RankMoELayer
@@ -28,6 +28,7 @@ __all__ = [
     "BalanceInputs",
     "BalanceLoss",
     "CollapsedLoRA",
+    "ConditionCache",
     "Conv",
     "DegradationEstimator",
     "DegradationScores",
@@ -39,6 +40,7 @@ __all__ = [
     "Router",
     "RoutingRecord",
     "RoutingTracker",
+    "TextAnchorConditioner",
     "__version__",
     "aux_loss",
     "clear_condition",

@@ -13,14 +13,22 @@ from rankmoe.conditioning.base import (
     check_images,
     check_severity_rule,
 )
+from rankmoe.conditioning.cache import ConditionCache, content_keys
+from rankmoe.conditioning.text import DEFAULT_LOGIT_SCALE, TextAnchorConditioner, check_prompts, parse_anchors
 
 __all__ = [
+    "ConditionCache",
+    "DEFAULT_LOGIT_SCALE",
     "DegradationEstimator",
     "DegradationScores",
     "SeverityRule",
+    "TextAnchorConditioner",
     "aggregate_severity",
     "check_images",
+    "check_prompts",
     "check_severity_rule",
+    "content_keys",
     "pair_anchor_scores",
+    "parse_anchors",
     "set_anchor_scores",
 ]
