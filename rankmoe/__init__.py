@@ -7,7 +7,13 @@ Importing this package registers the PEFT method ``RANKMOE`` so that ``get_peft_
 from rankmoe import peft_compat
 from rankmoe.collapse import CollapsedLoRA, collapse
 from rankmoe.condition import clear_condition, condition, rankmoe_layers, set_condition
-from rankmoe.conditioning import ConditionCache, DegradationEstimator, DegradationScores, TextAnchorConditioner
+from rankmoe.conditioning import (
+    ClipDegradationEstimator,
+    ConditionCache,
+    DegradationEstimator,
+    DegradationScores,
+    TextAnchorConditioner,
+)
 from rankmoe.config import RankMoEConfig
 from rankmoe.export import export_lora
 from rankmoe.layer import Conv, Linear, RankMoELayer
@@ -27,6 +33,7 @@ __all__ = [
     "AuxLoss",
     "BalanceInputs",
     "BalanceLoss",
+    "ClipDegradationEstimator",
     "CollapsedLoRA",
     "ConditionCache",
     "Conv",

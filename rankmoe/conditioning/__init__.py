@@ -5,6 +5,12 @@ Every estimator returns :class:`DegradationScores` (``scores (b, D)`` and ``seve
 """
 
 from rankmoe.conditioning.anchors import pair_anchor_scores, set_anchor_scores
+from rankmoe.conditioning.backends import (
+    ClipBackend,
+    OpenClipBackend,
+    SentenceTransformersClipBackend,
+    TransformersClipBackend,
+)
 from rankmoe.conditioning.base import (
     DegradationEstimator,
     DegradationScores,
@@ -14,21 +20,37 @@ from rankmoe.conditioning.base import (
     check_severity_rule,
 )
 from rankmoe.conditioning.cache import ConditionCache, content_keys
+from rankmoe.conditioning.clip import ClipDegradationEstimator
+from rankmoe.conditioning.clip_assets import build_clip_tokenizer
+from rankmoe.conditioning.preprocess import ImageSettings, preprocess_images
+from rankmoe.conditioning.prompts import DEFAULT_PROMPTS, DEFAULT_PROMPTS_VERSION, PromptPair, prompt_pairs
 from rankmoe.conditioning.text import DEFAULT_LOGIT_SCALE, TextAnchorConditioner, check_prompts, parse_anchors
 
 __all__ = [
+    "ClipBackend",
+    "ClipDegradationEstimator",
     "ConditionCache",
     "DEFAULT_LOGIT_SCALE",
+    "DEFAULT_PROMPTS",
+    "DEFAULT_PROMPTS_VERSION",
     "DegradationEstimator",
     "DegradationScores",
+    "ImageSettings",
+    "OpenClipBackend",
+    "PromptPair",
+    "SentenceTransformersClipBackend",
     "SeverityRule",
     "TextAnchorConditioner",
+    "TransformersClipBackend",
     "aggregate_severity",
+    "build_clip_tokenizer",
     "check_images",
     "check_prompts",
     "check_severity_rule",
     "content_keys",
     "pair_anchor_scores",
     "parse_anchors",
+    "preprocess_images",
+    "prompt_pairs",
     "set_anchor_scores",
 ]
