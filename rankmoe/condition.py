@@ -29,7 +29,7 @@ def rankmoe_layers(model: nn.Module) -> list[tuple[str, RankMoELayer]]:
 
 
 def _validated_state(
-    condition: torch.Tensor | DegradationScores | None, severity: torch.Tensor | None
+    condition: torch.Tensor | DegradationScores | None, severity: torch.Tensor | None, repeat: str | None = None
 ) -> ConditionState:
     if isinstance(condition, DegradationScores):
         severity = condition.severity if severity is None else severity
@@ -54,11 +54,17 @@ def _validated_state(
             )
         if not torch.compiler.is_compiling() and bool(((severity < 0) | (severity > 1) | severity.isnan()).any()):
             raise ValueError(f"severity must lie in [0, 1], got values from {severity.min()} to {severity.max()}")
-    return ConditionState(condition=condition, severity=severity)
+    if repeat not in (None, "tile", "interleave"):
+        raise ValueError(f"repeat must be None, 'tile' or 'interleave', got {repeat!r}")
+    return ConditionState(condition=condition, severity=severity, repeat=repeat)
 
 
 def set_condition(
-    model: nn.Module, condition: torch.Tensor | DegradationScores | None, severity: torch.Tensor | None = None
+    model: nn.Module,
+    condition: torch.Tensor | DegradationScores | None,
+    severity: torch.Tensor | None = None,
+    *,
+    repeat: str | None = None,
 ) -> None:
     """Set the per-sample condition of every RankMoE layer until :func:`clear_condition`.
 
@@ -69,11 +75,12 @@ def set_condition(
             the severity), or ``None``.
         severity: ``(b,)`` severities in ``[0, 1]`` (recorded for the degradation-aware loss), or ``None``; overrides
             the severity of a ``DegradationScores``.
+        repeat: How a layer that sees ``k * b`` samples uses the ``b`` rows (see :func:`condition`).
 
     Raises:
         ValueError: On wrong shapes, severities outside ``[0, 1]`` or a model without RankMoE layers.
     """
-    state = _validated_state(condition, severity)
+    state = _validated_state(condition, severity, repeat)
     for _, layer in rankmoe_layers(model):
         layer._rankmoe_condition = state
 
@@ -86,7 +93,11 @@ def clear_condition(model: nn.Module) -> None:
 
 @contextmanager
 def condition(
-    model: nn.Module, cond: torch.Tensor | DegradationScores | None, severity: torch.Tensor | None = None
+    model: nn.Module,
+    cond: torch.Tensor | DegradationScores | None,
+    severity: torch.Tensor | None = None,
+    *,
+    repeat: str | None = None,
 ) -> Iterator[nn.Module]:
     """Context manager: route with ``cond`` (and record ``severity``) inside the block, restore afterwards.
 
@@ -101,6 +112,11 @@ def condition(
             :class:`~rankmoe.conditioning.DegradationScores` of a degradation estimator (scores and severity in one
             argument: ``with rankmoe.condition(model, estimator(images)): ...``); or ``None``.
         severity: ``(b,)`` severities in ``[0, 1]``, or ``None``; overrides the severity of a ``DegradationScores``.
+        repeat: ``None``: every routed layer must see exactly ``b`` samples. ``"tile"``: a layer that sees
+            ``k * b`` samples uses the rows as ``[rows; rows; ...]`` — the batch order of classifier-free guidance in
+            diffusers pipelines (``torch.cat([uncond, cond])``), so ``with rankmoe.condition(pipe.unet, scores,
+            repeat="tile"): pipe(...)`` routes both halves with the image's condition. ``"interleave"``: each row
+            repeated ``k`` times in place (``num_images_per_prompt``, beam search).
 
     Yields:
         ``model``.
@@ -117,7 +133,7 @@ def condition(
         >>> out.shape
         torch.Size([2, 4])
     """
-    state = _validated_state(cond, severity)
+    state = _validated_state(cond, severity, repeat)
     layers = rankmoe_layers(model)
     previous = [layer._rankmoe_condition for _, layer in layers]
     for _, layer in layers:

@@ -187,10 +187,15 @@ class RankMoELayer(BaseTunerLayer):
                 "rankmoe.set_condition(model, cond)"
             )
         if state is not None and state.batch_size != batch_size:
-            raise ValueError(
-                f"the condition set with rankmoe.condition has batch size {state.batch_size}, but layer input "
-                f"{tuple(x.shape)} has batch size {batch_size}; pass one condition row per sample"
-            )
+            grown = state.expanded(batch_size)
+            if grown is None:
+                raise ValueError(
+                    f"the condition set with rankmoe.condition has batch size {state.batch_size}, but layer input "
+                    f"{tuple(x.shape)} has batch size {batch_size}; pass one condition row per sample, or "
+                    "repeat='tile' (classifier-free guidance) / repeat='interleave' (several images per prompt) "
+                    "when the model sees a multiple of the condition's batch"
+                )
+            state = grown
         inputs = RoutingInputs(
             x=x,
             batch_size=batch_size,

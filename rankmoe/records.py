@@ -49,10 +49,14 @@ class ConditionState:
     Attributes:
         condition: ``(b, c)`` or ``None`` (only a severity was given).
         severity: ``(b,)`` in ``[0, 1]`` or ``None``.
+        repeat: ``None`` (the layer batch must be ``b``), ``"tile"`` (a layer batch of ``k * b`` reuses the rows as
+            ``[rows; rows; ...]``, the order of classifier-free guidance ``torch.cat([uncond, cond])``) or
+            ``"interleave"`` (each row repeated ``k`` times in place, the order of ``num_images_per_prompt``).
     """
 
     condition: torch.Tensor | None
     severity: torch.Tensor | None
+    repeat: str | None = None
 
     @property
     def batch_size(self) -> int:
@@ -66,3 +70,20 @@ class ConditionState:
             None if self.condition is None else self.condition[index],
             None if self.severity is None else self.severity[index],
         )
+
+    def expanded(self, batch_size: int) -> ConditionState | None:
+        """This condition repeated to ``batch_size`` rows by :attr:`repeat`, or ``None`` if that is impossible."""
+        if self.batch_size == batch_size:
+            return self
+        if self.repeat is None or self.batch_size == 0 or batch_size % self.batch_size:
+            return None
+        times = batch_size // self.batch_size
+
+        def grow(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            if self.repeat == "tile":
+                return tensor.repeat(times, *([1] * (tensor.dim() - 1)))
+            return tensor.repeat_interleave(times, dim=0)
+
+        return ConditionState(grow(self.condition), grow(self.severity))

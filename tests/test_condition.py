@@ -201,3 +201,26 @@ def test_adapter_loaded_under_another_name_keeps_its_router(tmp_path) -> None:
 def test_adapter_names_that_clash_with_container_methods_are_refused(mlp) -> None:
     with pytest.raises(ValueError, match="adapter_name='keys'"):
         get_peft_model(mlp, cond_config(), adapter_name="keys")
+
+
+@pytest.mark.parametrize("repeat", ["tile", "interleave"])
+def test_repeat_routes_a_multiple_of_the_condition_batch(mlp, repeat) -> None:
+    """With repeat, a layer batch of k * b uses the b rows in CFG (tile) or per-prompt (interleave) order."""
+    model = get_peft_model(mlp, cond_config(init_weights=False))
+    cond, x = torch.rand(2, 3), torch.randn(2, 16)
+    expanded = cond.repeat(3, 1) if repeat == "tile" else cond.repeat_interleave(3, dim=0)
+    x_big = x.repeat(3, 1) if repeat == "tile" else x.repeat_interleave(3, dim=0)
+    with rankmoe.condition(model, expanded):
+        expected = model(x_big)
+    with rankmoe.condition(model, cond, severity=torch.tensor([0.2, 0.9]), repeat=repeat):
+        torch.testing.assert_close(model(x_big), expected)
+        severity = dict(rankmoe.rankmoe_layers(model))["base_model.model.lin0"]._rankmoe_records["default"].severity
+        order = [0.2, 0.9] * 3 if repeat == "tile" else [0.2] * 3 + [0.9] * 3
+        torch.testing.assert_close(severity, torch.tensor(order))
+        with pytest.raises(ValueError, match="repeat='tile'"):
+            model(torch.randn(5, 16))  # not a multiple of 2
+    with rankmoe.condition(model, cond), pytest.raises(ValueError, match="batch size 2"):
+        model(x_big)
+    with pytest.raises(ValueError, match="repeat must be"):
+        with rankmoe.condition(model, cond, repeat="cycle"):
+            pass
