@@ -13,6 +13,7 @@ from rankmoe.conditioning import (
     DegradationEstimator,
     DegradationScores,
     TextAnchorConditioner,
+    WeightFreeDegradationEstimator,
 )
 from rankmoe.config import RankMoEConfig
 from rankmoe.export import export_lora
@@ -48,6 +49,7 @@ __all__ = [
     "RoutingRecord",
     "RoutingTracker",
     "TextAnchorConditioner",
+    "WeightFreeDegradationEstimator",
     "__version__",
     "aux_loss",
     "clear_condition",

@@ -22,14 +22,17 @@ from rankmoe.conditioning.base import (
 from rankmoe.conditioning.cache import ConditionCache, content_keys
 from rankmoe.conditioning.clip import ClipDegradationEstimator
 from rankmoe.conditioning.clip_assets import build_clip_tokenizer
+from rankmoe.conditioning.handcrafted import DEFAULT_CALIBRATION, Calibration, WeightFreeDegradationEstimator
 from rankmoe.conditioning.preprocess import ImageSettings, preprocess_images
 from rankmoe.conditioning.prompts import DEFAULT_PROMPTS, DEFAULT_PROMPTS_VERSION, PromptPair, prompt_pairs
 from rankmoe.conditioning.text import DEFAULT_LOGIT_SCALE, TextAnchorConditioner, check_prompts, parse_anchors
 
 __all__ = [
+    "Calibration",
     "ClipBackend",
     "ClipDegradationEstimator",
     "ConditionCache",
+    "DEFAULT_CALIBRATION",
     "DEFAULT_LOGIT_SCALE",
     "DEFAULT_PROMPTS",
     "DEFAULT_PROMPTS_VERSION",
@@ -42,6 +45,7 @@ __all__ = [
     "SeverityRule",
     "TextAnchorConditioner",
     "TransformersClipBackend",
+    "WeightFreeDegradationEstimator",
     "aggregate_severity",
     "build_clip_tokenizer",
     "check_images",
