@@ -459,3 +459,26 @@ def test_gpu_matches_cpu(kind, assets) -> None:
     half = gpu.to(torch.float16)(x.cuda().half())
     assert half.scores.dtype == torch.float16
     torch.testing.assert_close(half.scores.float().cpu(), cpu(x).scores, rtol=0, atol=2e-2)
+
+
+def test_factory_builds_every_kind_through_the_same_loaders(assets, estimators) -> None:
+    """degradation_estimator(kind, **settings) equals the classmethod loaders; no kind gives the weight-free one."""
+    from rankmoe.conditioning.factory import degradation_estimator
+    from rankmoe.conditioning.handcrafted import WeightFreeDegradationEstimator
+
+    pixels = images(b=2, h=32, w=32)
+    built = {
+        "open_clip_bin": degradation_estimator("open_clip", model_name=TINY_OPEN_CLIP,
+                                               pretrained=assets["open_clip_bin"]),
+        "transformers": degradation_estimator("transformers", name_or_path=assets["transformers"]),
+        "sentence_transformers": degradation_estimator("sentence_transformers",
+                                                       name_or_path=assets["sentence_transformers"]),
+    }
+    for kind, estimator in built.items():
+        torch.testing.assert_close(estimator(pixels).scores, estimators[kind](pixels).scores)
+    assert isinstance(degradation_estimator(), WeightFreeDegradationEstimator)
+    assert degradation_estimator("weight_free", severity="max").severity_rule == "max"
+    with pytest.raises(ValueError, match="weight_free"):
+        degradation_estimator("clip")
+    with pytest.raises(TypeError):
+        degradation_estimator("transformers", path=assets["transformers"])

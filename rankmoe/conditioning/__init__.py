@@ -22,6 +22,7 @@ from rankmoe.conditioning.base import (
 from rankmoe.conditioning.cache import ConditionCache, content_keys
 from rankmoe.conditioning.clip import ClipDegradationEstimator
 from rankmoe.conditioning.clip_assets import build_clip_tokenizer
+from rankmoe.conditioning.factory import ESTIMATOR_KINDS, degradation_estimator
 from rankmoe.conditioning.handcrafted import DEFAULT_CALIBRATION, Calibration, WeightFreeDegradationEstimator
 from rankmoe.conditioning.preprocess import ImageSettings, preprocess_images
 from rankmoe.conditioning.prompts import DEFAULT_PROMPTS, DEFAULT_PROMPTS_VERSION, PromptPair, prompt_pairs
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_PROMPTS_VERSION",
     "DegradationEstimator",
     "DegradationScores",
+    "ESTIMATOR_KINDS",
     "ImageSettings",
     "OpenClipBackend",
     "PromptPair",
@@ -52,6 +54,7 @@ __all__ = [
     "check_prompts",
     "check_severity_rule",
     "content_keys",
+    "degradation_estimator",
     "pair_anchor_scores",
     "parse_anchors",
     "preprocess_images",
