@@ -21,7 +21,6 @@ measurements to read, never timed tests.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -36,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_common import device_name, synchronizer
 from tqdm.auto import tqdm
 
 import rankmoe
@@ -59,12 +59,6 @@ def make_images(batch: int, size: int, device: torch.device, seed: int) -> torch
     noise = 0.01 * torch.randn(batch, 3, size, size, generator=generator)
     return (0.6 * regions + 0.4 * shading + noise).clamp(0, 1).to(device)
 
-
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    """``torch.cuda.synchronize`` on CUDA devices, a no-op otherwise."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
 
 
 @dataclass
@@ -113,16 +107,6 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int, sync: Callable[
         samples.append(1e3 * (time.perf_counter() - start))
     return samples
 
-
-def device_name(device: torch.device) -> str:
-    """The CUDA card name, or the CPU model name (``/proc/cpuinfo``, else ``platform.processor()``)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def default_name(device: torch.device) -> str:

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import peft
 import torch
+from bench_common import device_name, synchronizer
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
@@ -216,12 +217,6 @@ def adapter_dtypes(model: nn.Module) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- calls
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    """``torch.cuda.synchronize`` on CUDA devices, a no-op otherwise."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
 
 def make_call(model: nn.Module, x: torch.Tensor, mode: Mode, cuda_graphs: bool = False) -> Callable[[], None]:
     """A zero-argument function running one forward (``inference``) or forward + backward (``training``).
@@ -479,16 +474,6 @@ def summarize(measurements: list[Measurement], variants: list[Variant]) -> dict[
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def device_name(device: torch.device) -> str:
-    """The CUDA card name, or the CPU model name (``/proc/cpuinfo``, else ``platform.processor()``)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
 
 def default_name(args: argparse.Namespace, device: torch.device) -> str:
     """Results file stem ``<cpu|card>-<shapes>-<dtype>[-compile[-<mode>]]``.
