@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import rankmoe
 from rankmoe import RankMoEConfig
-from tests.conftest import MLP, ConvNet, tiny_llama, tiny_unet
+from tests.conftest import tiny_llama, tiny_unet
 
 
 def routed_config(**overrides) -> RankMoEConfig:

@@ -283,8 +283,12 @@ class GANLoss(nn.Module):
         self.frozen_unet = frozen_unet
         self.schedule = schedule
         self.t_range = t_range
-        self.head = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(min(32, channels), channels),
-                                  nn.SiLU(), nn.Conv2d(channels, 1, 1))
+        self.head = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(min(32, channels), channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, 1, 1),
+        )
 
     def logits(self, z: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Discriminator logits ``(b, 1, h', w')`` of latents ``z`` ``(b, c, h, w)``."""
@@ -356,7 +360,8 @@ class GeneratorLoss(nn.Module):
         super().__init__()
         if gan_weight and gan is None:
             raise ValueError(f"gan_weight={gan_weight!r} needs a GANLoss (gan=...)")
-        self.lpips, self.schedule, self.reg_unet, self.frozen_unet, self.gan = lpips, schedule, reg_unet, frozen_unet, gan
+        self.lpips, self.schedule, self.gan = lpips, schedule, gan
+        self.reg_unet, self.frozen_unet = reg_unet, frozen_unet
         self.weights = {"l2": l2_weight, "lpips": lpips_weight, "vsd": vsd_weight, "gan": gan_weight}
         self.cfg, self.t_range = cfg, t_range
 

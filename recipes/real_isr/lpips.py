@@ -106,10 +106,10 @@ class LPIPS(nn.Module):
         self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
         features = vgg16_features()
         starts = (0,) + VGG16_TAPS[:-1]
-        self.slices = nn.ModuleList(features[a:b] for a, b in zip(starts, VGG16_TAPS))
+        self.slices = nn.ModuleList(features[a:b] for a, b in zip(starts, VGG16_TAPS, strict=True))
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, kernel_size=1, bias=False) for c in _TAP_CHANNELS)
         with torch.no_grad():
-            for lin, channels in zip(self.lins, _TAP_CHANNELS):
+            for lin, channels in zip(self.lins, _TAP_CHANNELS, strict=True):
                 lin.weight.fill_(1.0 / channels)
         if backbone_weights is not None:
             self.load_backbone(load_state_dict_file(backbone_weights))
@@ -175,6 +175,6 @@ class LPIPS(nn.Module):
             raise ValueError(f"LPIPS needs two (b, 3, H, W) tensors of one shape, got {tuple(x.shape)} and "
                              f"{tuple(y.shape)}")
         total = x.new_zeros(x.shape[0])
-        for fx, fy, lin in zip(self.features(x), self.features(y), self.lins):
+        for fx, fy, lin in zip(self.features(x), self.features(y), self.lins, strict=True):
             total = total + lin((fx - fy).square()).mean(dim=(1, 2, 3))
         return total

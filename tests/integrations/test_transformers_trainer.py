@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
+from rankmoe.integrations import transformers as rt
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import rankmoe
-from rankmoe.integrations import transformers as rt
 from tests.conftest import tiny_llama
 
 SEQ = 12

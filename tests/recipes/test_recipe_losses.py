@@ -76,7 +76,7 @@ def test_lpips_files_round_trip_and_hand_computation(lpips_net, tmp_path):
     scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
     hx, hy, expected = (x - shift) / scale, (y - shift) / scale, 0.0
     with torch.no_grad():
-        for k, (a, b) in enumerate(zip((0, 4, 9, 16, 23), (4, 9, 16, 23, 30))):
+        for k, (a, b) in enumerate(zip((0, 4, 9, 16, 23), (4, 9, 16, 23, 30), strict=True)):
             hx, hy = features[a:b](hx), features[a:b](hy)
             nx = hx / (hx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             ny = hy / (hy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
