@@ -27,6 +27,12 @@ from rankmoe.conditioning.clip_assets import (
 from rankmoe.conditioning.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSettings, preprocess_images
 
 
+def _trained_logit_scale(model: nn.Module | None) -> float | None:
+    """``exp(model.logit_scale)`` (CLIP stores the log of its temperature), or ``None`` when there is none."""
+    scale = getattr(model, "logit_scale", None)
+    return None if scale is None else float(torch.as_tensor(scale).float().exp())
+
+
 def _first_parameter(module: nn.Module) -> torch.Tensor:
     return next(iter(module.parameters()), torch.empty(0))
 
@@ -165,8 +171,7 @@ class OpenClipBackend(ClipBackend):
 
     @property
     def logit_scale(self) -> float | None:
-        scale = getattr(self.model, "logit_scale", None)
-        return None if scale is None else float(torch.as_tensor(scale).float().exp())
+        return _trained_logit_scale(self.model)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         weight = _first_parameter(self.model)
@@ -257,8 +262,7 @@ class TransformersClipBackend(ClipBackend):
 
     @property
     def logit_scale(self) -> float | None:
-        scale = getattr(self.model, "logit_scale", None)
-        return None if scale is None else float(torch.as_tensor(scale).float().exp())
+        return _trained_logit_scale(self.model)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         weight = _first_parameter(self.model)
@@ -355,8 +359,7 @@ class SentenceTransformersClipBackend(ClipBackend):
 
     @property
     def logit_scale(self) -> float | None:
-        scale = getattr(self.hf_model, "logit_scale", None)
-        return None if scale is None else float(torch.as_tensor(scale).float().exp())
+        return _trained_logit_scale(self.hf_model)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         weight = _first_parameter(self.model)
