@@ -17,7 +17,11 @@ settings.register_profile("dev", max_examples=15, deadline=None, suppress_health
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One share of the cores per pytest-xdist worker: oversubscribed OpenMP threads spin against each other and made
+# small convolutions 30-60x slower on 2 cores. Subprocesses (docs examples, torchrun) inherit the same share.
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(autouse=True)

@@ -319,21 +319,10 @@ def forward_with_latents(model: nn.Module, lr: torch.Tensor, *args: Any, **kwarg
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """``OneStepSR`` forward returning ``(sr (b, 3, H, W) in [0, 1], z_hat (b, c, h, w))``.
 
-    ``z_hat`` is the scaled latent passed to ``model.decode`` (captured by shadowing ``decode`` for the call).
+    ``z_hat`` is the scaled latent passed to ``model.decode``. ``model`` may be wrapped (DDP, ``accelerate``):
+    the call goes through the wrapper with ``return_latents=True``.
     """
-    captured: list[torch.Tensor] = []
-    original = model.decode
-
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        captured.append(latents)
-        return original(latents)
-
-    model.decode = decode
-    try:
-        sr = model(lr, *args, **kwargs)
-    finally:
-        del model.decode
-    return sr, captured[-1]
+    return model(lr, *args, return_latents=True, **kwargs)
 
 
 class GeneratorLoss(nn.Module):

@@ -332,7 +332,8 @@ class OneStepSR(nn.Module):
         *,
         prompts: list[str] | None = None,
         generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+        return_latents: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Super-resolve an LR batch already upsampled to the output size.
 
         Args:
@@ -342,9 +343,12 @@ class OneStepSR(nn.Module):
             severity: ``(b,)`` in ``[0, 1]`` for the degradation-aware balance loss (overrides the scores').
             prompts: ``b`` prompts overriding the prompt source for this call.
             generator: RNG for sampling the VAE posterior.
+            return_latents: Also return the predicted clean latent ``z_hat`` (for the VSD / GAN losses); call the
+                model this way rather than through an attribute so that wrappers such as DDP see one forward.
 
         Returns:
-            ``(b, 3, H, W)`` SR images in ``[0, 1]`` (float, the VAE's dtype).
+            ``(b, 3, H, W)`` SR images in ``[0, 1]`` (float, the VAE's dtype); with ``return_latents`` the pair
+            ``(sr, z_hat)`` with ``z_hat`` ``(b, 4, h, w)`` the scaled latent that was decoded.
 
         Raises:
             ValueError: For a wrong shape, a size that is not a multiple of 8, a missing condition, or a condition
@@ -377,7 +381,9 @@ class OneStepSR(nn.Module):
             text = self.prompts(lr, prompts).to(self.unet.dtype)
             t = torch.full((lr.shape[0],), self.timestep, device=latents.device, dtype=torch.long)
             prediction = self.unet(latents.to(self.unet.dtype), t, encoder_hidden_states=text).sample
-        return self.decode(self.x0_from_prediction(latents, prediction).to(self.vae.dtype))
+        z_hat = self.x0_from_prediction(latents, prediction).to(self.vae.dtype)
+        sr = self.decode(z_hat)
+        return (sr, z_hat) if return_latents else sr
 
     # ------------------------------------------------------------------ checkpoints
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -425,8 +431,8 @@ class OneStepSR(nn.Module):
 
         Raises:
             FileNotFoundError: If the folder or one of its two files is missing.
-            ValueError: If the adapters, their configs, ``train_conv_in``, the tensor names or shapes differ from
-                this model's (the message names the first differences).
+            ValueError: If a file is corrupt, or the adapters, their configs, ``train_conv_in``, the tensor names or
+                shapes differ from this model's (the message names the file or the first differences).
         """
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -435,13 +441,24 @@ class OneStepSR(nn.Module):
         for name in (ADAPTERS_CONFIG_NAME, ADAPTERS_WEIGHTS_NAME):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"adapter checkpoint {folder} has no {name}")
-        saved = json.loads((folder / ADAPTERS_CONFIG_NAME).read_text())
+        try:
+            saved = json.loads((folder / ADAPTERS_CONFIG_NAME).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{folder / ADAPTERS_CONFIG_NAME} is not valid JSON ({error}); nothing was loaded"
+            ) from error
         current = self._metadata()
         if saved.get("format") != _FORMAT:
             raise ValueError(
                 f"{folder / ADAPTERS_CONFIG_NAME} has format {saved.get('format')!r}, expected {_FORMAT}"
             )
-        state = load_file(folder / ADAPTERS_WEIGHTS_NAME)
+        try:
+            state = load_file(folder / ADAPTERS_WEIGHTS_NAME)
+        except Exception as error:  # safetensors raises SafetensorError (and OSError) for damaged files
+            raise ValueError(
+                f"{folder / ADAPTERS_WEIGHTS_NAME} is corrupt or truncated and cannot be read ({error}); nothing "
+                "was loaded"
+            ) from error
         problems = checkpoint_mismatches(saved, current, state, self.adapter_state_dict())
         if problems:
             raise ValueError(
