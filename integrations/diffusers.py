@@ -146,7 +146,8 @@ def add_rankmoe(
     """Add a RankMoE adapter to a diffusers model in one call, with the preset's target modules.
 
     ``config.target_modules`` is used when set; otherwise it is filled from the preset and the config is left
-    unchanged (a copy carries the names, so the saved ``adapter_config.json`` lists them). The adapter is added
+    unchanged (a copy carries the names; PEFT may shorten a long list to the fewest name endings that select the
+    same modules of this model, which is what a saved ``adapter_config.json`` then holds). The adapter is added
     with diffusers' ``model.add_adapter`` (so ``save_pretrained`` / ``set_adapters`` / ``disable_adapters`` work as
     for LoRA) and made active.
 

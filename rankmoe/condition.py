@@ -116,7 +116,9 @@ def condition(
             ``k * b`` samples uses the rows as ``[rows; rows; ...]`` — the batch order of classifier-free guidance in
             diffusers pipelines (``torch.cat([uncond, cond])``), so ``with rankmoe.condition(pipe.unet, scores,
             repeat="tile"): pipe(...)`` routes both halves with the image's condition. ``"interleave"``: each row
-            repeated ``k`` times in place (``num_images_per_prompt``, beam search).
+            repeated ``k`` times in place (beam search; ``num_images_per_prompt`` *without* guidance). With
+            guidance *and* several images per prompt the UNet batch is ``[uncond x n; cond x n]`` per prompt
+            block: pass ``cond.repeat_interleave(n, 0)`` with ``"tile"``.
 
     Yields:
         ``model``.

@@ -51,7 +51,8 @@ class ConditionState:
         severity: ``(b,)`` in ``[0, 1]`` or ``None``.
         repeat: ``None`` (the layer batch must be ``b``), ``"tile"`` (a layer batch of ``k * b`` reuses the rows as
             ``[rows; rows; ...]``, the order of classifier-free guidance ``torch.cat([uncond, cond])``) or
-            ``"interleave"`` (each row repeated ``k`` times in place, the order of ``num_images_per_prompt``).
+            ``"interleave"`` (each row repeated ``k`` times in place: beam search, or ``num_images_per_prompt``
+            without classifier-free guidance).
     """
 
     condition: torch.Tensor | None

@@ -248,3 +248,38 @@ def test_two_processes_end_with_identical_weights(assets, tmp_path):
     assert len(changed) > len(rank0) // 2  # every tensor but the (unused) selection biases
     assert all("selection_bias" in k for k in rank0 if k not in changed)
     assert (tmp_path / "out" / "checkpoint-2" / "rng_state_1.pt").is_file()
+
+
+def test_infer_and_evaluate_on_the_trained_model(tiny_run, assets, tmp_path):
+    """The trained tiny run through infer.py (one estimate per image, tiling) and evaluate.py (PSNR / SSIM)."""
+    import json
+
+    import torch.nn.functional as F
+    from real_isr import evaluate, infer
+    from real_isr.images import load_image, save_image
+    from real_isr.metrics import psnr
+
+    out, _ = tiny_run
+    _, _, val = assets
+    for path in sorted(val.glob("*.png")):  # LR = 4x area-downscaled HR, 40 x 40
+        hr = load_image(path)[None]
+        save_image(F.interpolate(hr, scale_factor=0.25, mode="area")[0], tmp_path / "lr" / path.name)
+    assert infer.main(["--checkpoint", str(out), "--input", str(tmp_path / "lr"), "--output", str(tmp_path / "sr"),
+                       "--save_scores", "--quiet"]) == 0
+    scores = json.loads((tmp_path / "sr" / "scores.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "sr").glob("*.png")) == ["0.png", "1.png"]
+    assert load_image(tmp_path / "sr" / "0.png").shape == (3, 160, 160)
+    assert sorted(scores["images"]) == ["0", "1"]
+    for record in scores["images"].values():  # one weight-free estimate per image: 4 named scores and a severity
+        assert sorted(record["scores"]) == ["blur", "jpeg", "noise", "resolution"]
+        assert 0 <= record["severity"] <= 1 and 2 <= record["mean_active_ranks"]["unet"] <= 4
+    assert evaluate.main(["--sr", str(tmp_path / "sr"), "--hr", str(val), "--output", str(tmp_path / "eval"),
+                          "--quiet"]) == 0
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    table = (tmp_path / "eval" / "metrics.md").read_text()
+    rows = table.splitlines()
+    assert rows[0].split("|")[1:5] == [" image ", " PSNR ↑ ", " SSIM ↑ ", " NIQE ↓ "]
+    assert [row.split("|")[1].strip() for row in rows[2:5]] == ["0", "1", "**mean**"]
+    sr, hr = load_image(tmp_path / "sr" / "0.png")[None].double(), load_image(val / "0.png")[None].double()
+    assert result["images"]["0"]["psnr"] == pytest.approx(float(psnr(sr, hr, crop_border=4)), rel=1e-6)
+    assert result["images"]["0"]["niqe"] is None  # 160 x 160 holds fewer than two 96 x 96 blocks: noted, not scored
