@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
-import json
 import os
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+try:
+    from . import options
+except ImportError:
+    import options  # type: ignore[no-redef]
 
 __all__ = [
     "LOG_TARGETS",
@@ -232,146 +232,27 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def _unknown_key_error(keys: list[str], where: str) -> ValueError:
-    names = TrainSettings.field_names()
-    hints = []
-    for key in keys:
-        close = difflib.get_close_matches(key, names, n=3)
-        hints.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    return ValueError(f"unknown option(s) in {where}: {'; '.join(hints)}. Valid options: {', '.join(names)}")
-
-
-# ------------------------------------------------------------------------------------------------ presets
+# ------------------------------------------------------------------------------------------------ presets and flags
 
 
 def load_preset(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML preset: a flat mapping of :class:`TrainSettings` field names to values.
-
-    Args:
-        path: The ``.yaml`` file.
-
-    Returns:
-        The mapping (only the keys the file sets).
-
-    Raises:
-        FileNotFoundError: If the file does not exist.
-        ValueError: If it is not a mapping or has a key that is not an option (the message names it and suggests
-            the closest names).
-    """
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"preset {file} does not exist")
-    data = yaml.safe_load(file.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"preset {file} must be a mapping of option names to values, got {type(data).__name__}")
-    unknown = [str(k) for k in data if k not in TrainSettings.field_names()]
-    if unknown:
-        raise _unknown_key_error(unknown, f"preset {file}")
-    return {key: _coerce_number(key, value) for key, value in data.items()}
-
-
-def _coerce_number(name: str, value: Any) -> Any:
-    """YAML 1.1 reads ``5e-5`` (no dot) as a string: turn numeric strings of float fields into floats."""
-    if isinstance(value, str) and typing.get_type_hints(TrainSettings)[name] in (float, float | None):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-# ------------------------------------------------------------------------------------------------ command line
-
-
-def _bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("true", "1", "yes", "on"):
-        return True
-    if lowered in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _json_or_null(text: str) -> Any:
-    if text.lower() in ("null", "none"):
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(
-            f"expected JSON (e.g. '{{\"r\": 4}}') or null, got {text!r}: {error}"
-        ) from None
-
-
-def _optional(kind: Any) -> Any:
-    def parse(text: str) -> Any:
-        return None if text.lower() in ("null", "none") else kind(text)
-
-    parse.__name__ = getattr(kind, "__name__", "value")
-    return parse
-
-
-def _argument_spec(annotation: Any) -> dict[str, Any]:
-    """argparse keyword arguments for a field's type annotation."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    optional = origin in (typing.Union, types.UnionType) and type(None) in args
-    if optional:
-        (annotation,) = [a for a in args if a is not type(None)]
-        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is bool:
-        return {"type": _bool, "metavar": "true|false"}
-    if origin is dict:
-        return {"type": _json_or_null, "metavar": "JSON"}
-    if origin is list:
-        return {"nargs": "*", "type": str, "metavar": "PATH"}
-    kind = {int: int, float: float, str: str}[annotation]
-    return {"type": _optional(kind) if optional else kind}
+    """Read a YAML preset of :class:`TrainSettings` options (see :func:`real_isr.options.load_preset`)."""
+    return options.load_preset(path, TrainSettings)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``train.py`` argument parser: ``--config`` plus one flag per :class:`TrainSettings` field."""
-    parser = argparse.ArgumentParser(
-        prog="train.py",
+    return options.build_parser(
+        TrainSettings, prog="train.py",
         description="Train MoR (RankMoE adapters routed by degradation) on a one-step Stable Diffusion SR model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--config", default=None, help="YAML preset (configs/sd21-mor.yaml, sd21-lora.yaml, tiny.yaml)")
-    hints = typing.get_type_hints(TrainSettings)
-    defaults = TrainSettings()
-    for item in dataclasses.fields(TrainSettings):
-        spec = _argument_spec(hints[item.name])
-        default = getattr(defaults, item.name)
-        shown = json.dumps(default) if isinstance(default, dict) else default
-        parser.add_argument(f"--{item.name}", dest=item.name, default=argparse.SUPPRESS, help=f"(default: {shown})",
-                            **spec)
-    return parser
+        presets="configs/sd21-mor.yaml, sd21-lora.yaml, tiny.yaml")
 
 
 def parse_settings(argv: list[str] | None = None) -> TrainSettings:
-    """Defaults, then the ``--config`` preset, then the flags; validated.
-
-    Args:
-        argv: Command-line words (default: ``sys.argv[1:]``).
-
-    Returns:
-        The validated settings.
+    """Defaults, then the ``--config`` preset, then the flags; validated (see :func:`real_isr.options.parse`).
 
     Raises:
         SystemExit: For a malformed flag (argparse's usage message).
-        ValueError, FileNotFoundError: For a bad preset or value (see :func:`load_preset`,
-            :meth:`TrainSettings.validate`).
+        ValueError, FileNotFoundError: For a bad preset or value.
     """
-    parser = build_parser()
-    namespace, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flags = [word.lstrip("-").split("=")[0] for word in unknown if word.startswith("--")]
-        if flags:
-            raise _unknown_key_error(flags, "the command line")
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    values = vars(namespace)
-    preset = values.pop("config")
-    merged = load_preset(preset) if preset else {}
-    merged.update(values)
-    return TrainSettings(**merged).validate()
+    return options.parse(TrainSettings, build_parser(), argv)
