@@ -92,7 +92,7 @@ class FinetuneSettings:
     test_degradation: str = "realesrgan"
     test_crop: int = 256
     test_seed: int = 1234
-    steps: int = 150
+    steps: int = 100
     batch_size: int = 2
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
