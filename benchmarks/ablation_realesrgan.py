@@ -14,7 +14,7 @@ preset otherwise), adapters on the last RRDB blocks and the tail, routed by weig
 Held-out photographs (``photos.TEST_PHOTOS``, centre crops) are degraded at fixed named levels (``LEVELS``: mild /
 medium / severe combinations and blur / noise / JPEG alone, first-order, deterministic per image). Reported per
 variant and level: PSNR-Y, SSIM-Y (mean over images, then mean and spread over seeds), NIQE when the crop allows,
-mean active ranks, and wall time of training.
+mean active ranks, and wall time of a run (training plus the job's own before / after scoring).
 
 ```
 python benchmarks/ablation_realesrgan.py --seeds 0 1 2 --steps 60 --out benchmarks/results/ablation-realesrgan
@@ -41,6 +41,7 @@ from bench_common import device_name  # noqa: E402
 from real_isr.finetune_realesrgan import FinetuneSettings, run  # noqa: E402
 from real_isr.images import load_image  # noqa: E402
 from real_isr.kernels import filter2d, gaussian_kernel  # noqa: E402
+from real_isr.metrics import niqe  # noqa: E402
 from real_isr.photos import TEST_PHOTOS, write_photos  # noqa: E402
 from real_isr.pixel_ops import gaussian_noise, jpeg_compress, quantize  # noqa: E402
 from real_isr.sr_finetune import estimate, super_resolve_quantized, untouched, y_metrics  # noqa: E402
@@ -115,10 +116,13 @@ def evaluate(model: torch.nn.Module, estimator: Any, test: list[tuple[str, torch
             lr = degrade(hr, level, seed=1000 + index)
             scores = estimate(estimator, lr, 4)
             sr = super_resolve_quantized(model, lr, scores)
-            rows.append(y_metrics(sr, hr, crop_border=4))
+            row = y_metrics(sr, hr, crop_border=4)
+            row["niqe"] = float(niqe(sr.double()))  # no reference: the whole 192 px output (2 x 2 blocks of 96)
+            rows.append(row)
             ranks.append(float(lora_rank) if lora_rank is not None else _active_ranks(model))
         out[name] = {"psnr": statistics.fmean(r["psnr"] for r in rows),
                      "ssim": statistics.fmean(r["ssim"] for r in rows),
+                     "niqe": statistics.fmean(r["niqe"] for r in rows),
                      "active_ranks": statistics.fmean(ranks)}
     return out
 
@@ -130,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test_crop", type=int, default=192)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", default="benchmarks/results/ablation-realesrgan")
+    parser.add_argument("--reuse", action="store_true",
+                        help="score the adapters a previous run saved under OUT/runs instead of training again")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,9 +149,12 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             if spec is None:  # the untouched network: a 1-step run only builds it; scored with the adapter off
                 settings.steps = 1
-            result = run(settings.validate(), progress=False)
-            seconds = time.perf_counter() - start
-            model = result["model"]
+            if args.reuse:
+                model, seconds = _reload(Path(settings.output_dir))
+            else:
+                result = run(settings.validate(), progress=False)
+                seconds = time.perf_counter() - start
+                model = result["model"]
             from real_isr.components import build_estimator
 
             estimator = build_estimator(settings)  # type: ignore[arg-type]
@@ -167,6 +176,15 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown(summary, payload))
 
 
+def _reload(folder: Path) -> tuple[torch.nn.Module, float]:
+    """The adapted network a previous run saved in ``folder/adapter`` and that run's wall time."""
+    from peft import PeftModel
+    from real_isr.realesrgan_weights import load_realesrgan_x4plus
+
+    model = PeftModel.from_pretrained(load_realesrgan_x4plus(), str(folder / "adapter"))
+    return model.eval(), float(json.loads((folder / "metrics.json").read_text())["seconds"])
+
+
 def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
     """Mean and sample standard deviation over seeds, per variant, level and metric."""
     summary: dict[str, dict[str, dict[str, float]]] = {}
@@ -174,7 +192,7 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, d
         summary[variant] = {}
         for level in LEVELS:
             entry = {}
-            for metric in ("psnr", "ssim", "active_ranks"):
+            for metric in ("psnr", "ssim", "niqe", "active_ranks"):
                 values = [r["levels"][level][metric] for r in runs]
                 entry[metric] = statistics.fmean(values)
                 entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -196,6 +214,10 @@ def markdown(summary: dict[str, Any], payload: dict[str, Any]) -> str:
     lines += ["", "SSIM-Y:", "", "| variant | " + " | ".join(levels) + " |", "|---|" + "---:|" * len(levels)]
     for variant, entry in summary.items():
         lines.append(f"| {variant} | " + " | ".join(f"{entry[lv]['ssim']:.4f}" for lv in levels) + " |")
+    lines += ["", "NIQE (lower is better; the whole 192 px output):", "", "| variant | " + " | ".join(levels) + " |",
+              "|---|" + "---:|" * len(levels)]
+    for variant, entry in summary.items():
+        lines.append(f"| {variant} | " + " | ".join(f"{entry[lv]['niqe']:.3f}" for lv in levels) + " |")
     lines += ["", "Mean active ranks per image:", "", "| variant | " + " | ".join(levels) + " |",
               "|---|" + "---:|" * len(levels)]
     for variant, entry in summary.items():

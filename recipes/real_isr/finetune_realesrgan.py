@@ -77,6 +77,9 @@ class FinetuneSettings:
             of each held-out photograph; test_seed: seed of the held-out degradations.
         steps, batch_size, learning_rate, weight_decay, max_grad_norm, seed: Optimisation.
         l1_weight, l2_weight: Pixel losses.
+        lpips_weight, lpips_vgg16, lpips_heads: LPIPS term and its local weight files (torchvision VGG16, the lpips
+            package's heads); 0 by default since no wheel ships them. (No GAN term: no discriminator weights ship
+            either, and a discriminator trained from scratch in a few minutes would only add noise.)
         logging_steps: Rows of ``logs/metrics.csv``.
     """
 
@@ -99,6 +102,9 @@ class FinetuneSettings:
     max_grad_norm: float = 1.0
     l1_weight: float = 1.0
     l2_weight: float = 0.0
+    lpips_weight: float = 0.0
+    lpips_vgg16: str | None = None
+    lpips_heads: str | None = None
     logging_steps: int = 10
     seed: int = 0
 
@@ -117,12 +123,14 @@ class FinetuneSettings:
         for name in ("crop_size", "test_crop"):
             if getattr(self, name) % self.scale:
                 raise ValueError(f"{name} must be a multiple of scale={self.scale}, got {getattr(self, name)}")
-        for name in ("learning_rate", "l1_weight", "l2_weight", "weight_decay", "max_grad_norm"):
+        for name in ("learning_rate", "l1_weight", "l2_weight", "lpips_weight", "weight_decay", "max_grad_norm"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if not self.learning_rate:
             raise ValueError("learning_rate must be > 0")
+        if self.lpips_weight and not (self.lpips_vgg16 and self.lpips_heads):
+            raise ValueError("lpips_weight > 0 needs lpips_vgg16 and lpips_heads (local weight files)")
         if not isinstance(self.adapter, dict) or self.adapter.get("type") not in ("rankmoe", "lora"):
             raise ValueError(f"adapter must be a mapping with type 'rankmoe' or 'lora', got {self.adapter!r}")
         if self.estimator is not None and (not isinstance(self.estimator, dict) or "kind" not in self.estimator):
@@ -228,6 +236,11 @@ def run(settings: FinetuneSettings, *, progress: bool = True) -> dict[str, Any]:
     routed = any(isinstance(m, rankmoe.RankMoELayer) for m in model.modules())
     tracker = rankmoe.RoutingTracker(model) if routed else None
     csv_log = CSVTracker(out / "logs")
+    lpips = None
+    if settings.lpips_weight:
+        from real_isr.lpips import LPIPS
+
+        lpips = LPIPS(settings.lpips_vgg16, settings.lpips_heads)
     model.train()
     step, epoch, sums = 0, 0, {}
     bar = tqdm(total=settings.steps, desc="fine-tune", disable=not progress)
@@ -237,7 +250,8 @@ def run(settings: FinetuneSettings, *, progress: bool = True) -> dict[str, Any]:
         for batch in loader:
             scores = estimate(estimator, batch["lr"], settings.scale)
             sr = sr_forward(model, batch["lr"], scores)
-            terms = sr_loss(sr, batch["hr"], model, l1_weight=settings.l1_weight, l2_weight=settings.l2_weight)
+            terms = sr_loss(sr, batch["hr"], model, l1_weight=settings.l1_weight, l2_weight=settings.l2_weight,
+                            lpips=lpips, lpips_weight=settings.lpips_weight)
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             if settings.max_grad_norm:

@@ -71,6 +71,7 @@ def test_adapter_starts_as_the_pretrained_network_and_routes_by_condition():
     ("--crop_size", "130", "crop_size must be a multiple of scale=4"),
     ("--adapter", '{"r": 4}', "adapter must be a mapping with type"),
     ("--steps", "0", "steps must be an int >= 1"),
+    ("--lpips_weight", "1.0", "lpips_weight > 0 needs lpips_vgg16 and lpips_heads"),
 ])
 def test_bad_options_are_named(flag, value, message):
     with pytest.raises(ValueError, match=message):
@@ -99,3 +100,20 @@ def test_main_job_runs_end_to_end_with_a_tiny_network(tmp_path, monkeypatch):
         "routing_slot_load.png", "routing_active_ranks.png", "routing_severity.png"}
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert "loss/l1" in (tmp_path / "logs" / "metrics.csv").read_text()
+
+
+def test_sr_loss_terms_add_up():
+    from real_isr.lpips import LPIPS
+    from real_isr.sr_finetune import sr_loss
+
+    from rankmoe.conditioning.base import DegradationScores
+
+    base = _tiny_rrdb()
+    model = adapt(base, job._mor_adapter(), rrdb_target_modules(base, 1))
+    lr, hr = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 32, 32)
+    scores = DegradationScores(torch.rand(2, 4), torch.tensor([0.2, 0.9]), ("blur", "noise", "jpeg", "resolution"))
+    sr = sr_forward(model, lr, scores)
+    terms = sr_loss(sr, hr, model, l1_weight=1.0, l2_weight=0.5, lpips=LPIPS(allow_random=True), lpips_weight=2.0)
+    assert terms["aux"] > 0 and terms["lpips"] > 0
+    torch.testing.assert_close(terms["l1"], (sr - hr).abs().mean())
+    torch.testing.assert_close(terms["total"], terms["l1"] + 0.5 * terms["l2"] + 2 * terms["lpips"] + terms["aux"])
