@@ -44,7 +44,13 @@ from real_isr.kernels import filter2d, gaussian_kernel  # noqa: E402
 from real_isr.metrics import niqe  # noqa: E402
 from real_isr.photos import TEST_PHOTOS, write_photos  # noqa: E402
 from real_isr.pixel_ops import gaussian_noise, jpeg_compress, quantize  # noqa: E402
-from real_isr.sr_finetune import estimate, super_resolve_quantized, untouched, y_metrics  # noqa: E402
+from real_isr.sr_finetune import (  # noqa: E402
+    estimate,
+    has_rankmoe,
+    super_resolve_quantized,
+    untouched,
+    y_metrics,
+)
 
 import rankmoe  # noqa: E402
 
@@ -100,8 +106,7 @@ def _test_set(folder: Path, crop: int) -> list[tuple[str, torch.Tensor]]:
 
 
 def _active_ranks(model: torch.nn.Module) -> float:
-    layers = [m for m in model.modules() if isinstance(m, rankmoe.RankMoELayer)]
-    if not layers:
+    if not has_rankmoe(model):
         return math.nan
     return rankmoe.overall_active_ranks(rankmoe.routing_stats(model))
 

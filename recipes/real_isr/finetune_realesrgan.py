@@ -42,6 +42,7 @@ from real_isr.run_logs import CSVTracker, routing_scalars
 from real_isr.sr_finetune import (
     adapt,
     estimate,
+    has_rankmoe,
     rrdb_target_modules,
     sr_forward,
     sr_loss,
@@ -233,8 +234,7 @@ def run(settings: FinetuneSettings, *, progress: bool = True) -> dict[str, Any]:
                                          collate_fn=collate)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    routed = any(isinstance(m, rankmoe.RankMoELayer) for m in model.modules())
-    tracker = rankmoe.RoutingTracker(model) if routed else None
+    tracker = rankmoe.RoutingTracker(model) if has_rankmoe(model) else None
     csv_log = CSVTracker(out / "logs")
     lpips = None
     if settings.lpips_weight:

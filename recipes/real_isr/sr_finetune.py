@@ -30,6 +30,7 @@ except ImportError:
 __all__ = [
     "adapt",
     "estimate",
+    "has_rankmoe",
     "rrdb_target_modules",
     "sr_forward",
     "sr_loss",
@@ -93,17 +94,14 @@ def estimate(estimator: DegradationEstimator | None, lr: torch.Tensor, scale: in
         return estimator(big)
 
 
+def has_rankmoe(model: nn.Module) -> bool:
+    """Whether ``model`` carries RankMoE layers (a LoRA-adapted or bare network does not)."""
+    return any(isinstance(m, rankmoe.RankMoELayer) for m in model.modules())
+
+
 def _routes_on_condition(model: nn.Module) -> bool:
-    return any(getattr(router, "requires_condition", False) for _, layer in rankmoe.rankmoe_layers(model)
-               for router in layer.rankmoe_router.values()) if _has_rankmoe(model) else False
-
-
-def _has_rankmoe(model: nn.Module) -> bool:
-    return any(True for _ in _iter_rankmoe(model))
-
-
-def _iter_rankmoe(model: nn.Module) -> Iterator[nn.Module]:
-    return (m for m in model.modules() if isinstance(m, rankmoe.RankMoELayer))
+    return any(getattr(router, "requires_condition", False) for m in model.modules()
+               if isinstance(m, rankmoe.RankMoELayer) for router in m.rankmoe_router.values())
 
 
 def sr_forward(model: nn.Module, lr: torch.Tensor, scores: DegradationScores | None) -> torch.Tensor:
@@ -127,7 +125,7 @@ def sr_loss(sr: torch.Tensor, hr: torch.Tensor, model: nn.Module, *, l1_weight: 
         "l1": F.l1_loss(sr, hr) if l1_weight else zero,
         "l2": F.mse_loss(sr, hr) if l2_weight else zero,
         "lpips": lpips(sr.clamp(0, 1) * 2 - 1, hr * 2 - 1).mean() if lpips is not None and lpips_weight else zero,
-        "aux": rankmoe.aux_loss(model).total if _has_rankmoe(model) else zero,
+        "aux": rankmoe.aux_loss(model).total if has_rankmoe(model) else zero,
     }
     terms["total"] = l1_weight * terms["l1"] + l2_weight * terms["l2"] + lpips_weight * terms["lpips"] + terms["aux"]
     return terms
