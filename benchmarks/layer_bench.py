@@ -58,10 +58,15 @@ MOR_PRESET: dict[str, Any] = {
     "expert_rank": 1,
 }
 """The MoR configuration (arXiv 2511.16024): 8 shared ranks, top-8 of 32 rank-1 experts + 4 zero slots."""
+ACTIVE_RANK = 16
+"""Most ranks the MoR preset has active per sample (8 shared + top-8 rank-1 experts): LoRA at equal active rank."""
 CONDITION_DIM = 7
 """Width of the external condition vector of the ``condition`` router (e.g. 7 degradation scores)."""
 BASE = "base"
 LORA = "peft_lora"
+LORA_ACTIVE = "peft_lora_active"
+PATH_VARIANTS = ("dense", "gather", "merge")
+"""Execution paths forced on the ``condition`` variant (``rankmoe_condition`` itself runs ``auto``)."""
 
 
 # ---------------------------------------------------------------------------------------------------- shapes
@@ -97,6 +102,24 @@ SHAPE_PRESETS: dict[str, tuple[LayerShape, ...]] = {
     "small": (
         LayerShape("linear256", "linear", batch=2, features=256, size=256),
         LayerShape("conv64", "conv", batch=2, features=64, size=32),
+    ),
+    # The seven SD-2.1-like UNet layers at 512 px (latent 64x64) with one image per call, as MoR's per-image
+    # routing runs at inference: each width at the resolution it runs at.
+    "paper": (
+        LayerShape("linear320", "linear", batch=1, features=320, size=4096),
+        LayerShape("linear640", "linear", batch=1, features=640, size=1024),
+        LayerShape("linear1280", "linear", batch=1, features=1280, size=256),
+        LayerShape("linear1280_t64", "linear", batch=1, features=1280, size=64),
+        LayerShape("conv320", "conv", batch=1, features=320, size=64),
+        LayerShape("conv640", "conv", batch=1, features=640, size=32),
+        LayerShape("conv1280", "conv", batch=1, features=1280, size=16),
+    ),
+    # Batched and LLM-like shapes: a batch-4 UNet layer, LLM decode (one token) and prefill (128 tokens).
+    "llm": (
+        LayerShape("linear640_b4", "linear", batch=4, features=640, size=1024),
+        LayerShape("decode4096", "linear", batch=1, features=4096, size=1),
+        LayerShape("prefill4096", "linear", batch=1, features=4096, size=128),
+        LayerShape("conv640_b4", "conv", batch=4, features=640, size=32),
     ),
     # Stable-Diffusion-2.1-like UNet layers at 512 px (latent 64x64), batch 4: each width at the resolution
     # it runs at (320 @ 64x64 tokens, 640 @ 32x32, 1280 @ 16x16 and 8x8).
@@ -175,6 +198,11 @@ def make_variants() -> list[Variant]:
             LoraConfig(r=TOTAL_RANK, lora_alpha=TOTAL_RANK, init_lora_weights=False, target_modules=["layer"]),
         ),
         Variant(
+            LORA_ACTIVE,
+            f"peft.LoraConfig(r={ACTIVE_RANK}): the rank the MoR preset has active per sample at most",
+            LoraConfig(r=ACTIVE_RANK, lora_alpha=ACTIVE_RANK, init_lora_weights=False, target_modules=["layer"]),
+        ),
+        Variant(
             "rankmoe_shared",
             f"RankMoE r={TOTAL_RANK}, every rank shared (no router)",
             _rankmoe_config(r=TOTAL_RANK, num_shared_ranks=TOTAL_RANK, top_k=0),
@@ -191,10 +219,23 @@ def make_variants() -> list[Variant]:
         ),
         Variant(
             "rankmoe_condition",
-            f"MoR preset ({mor}), router='condition', condition_dim={CONDITION_DIM} (per sample)",
+            f"MoR preset ({mor}), router='condition', condition_dim={CONDITION_DIM} (per sample),"
+            " execution_path='auto'",
             _rankmoe_config(**MOR_PRESET, router="condition", router_kwargs={"condition_dim": CONDITION_DIM}),
             needs_condition=True,
         ),
+        *[
+            Variant(
+                f"rankmoe_condition_{path}",
+                f"as rankmoe_condition with execution_path={path!r}",
+                _rankmoe_config(
+                    **MOR_PRESET, router="condition", router_kwargs={"condition_dim": CONDITION_DIM},
+                    execution_path=path,
+                ),
+                needs_condition=True,
+            )
+            for path in PATH_VARIANTS
+        ],
     ]
 
 
@@ -249,7 +290,33 @@ def make_call(model: nn.Module, x: torch.Tensor, mode: Mode, cuda_graphs: bool =
             p.grad = None
         model(x_grad).backward(grad_out)
 
+    train_step.owned = [*model.parameters(), *model.buffers()]  # type: ignore[attr-defined]
     return train_step
+
+
+def saved_for_backward_mib(fn: Callable[[], None]) -> float | None:
+    """MiB of tensors autograd saves for backward during one call, beyond the weights.
+
+    Counted on every device (the activation memory a training step keeps between forward and backward, the part
+    of its peak that grows with the batch): every storage saved by an op during the call, once, the layer input
+    included (LoRA keeps it for ``A``'s gradient; a frozen base layer alone does not), except the model's
+    parameters and buffers. ``None`` for inference calls.
+    """
+    owned = getattr(fn, "owned", None)
+    if owned is None:
+        return None
+    known = {t.untyped_storage().data_ptr() for t in owned}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in known:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(saved.values()) / 2**20
 
 
 @contextlib.contextmanager
@@ -305,6 +372,7 @@ class Measurement:
         samples_ms: Every timed sample (time per call), in round order.
         number: Calls averaged per sample.
         peak_mib: Extra peak CUDA memory of one call, or ``None``.
+        saved_mib: Tensors saved for backward by one training call (MiB, every device), or ``None``.
         compile_stats: With ``--compile``: Dynamo graphs and graph breaks of the warm-up, else ``None``.
     """
 
@@ -314,6 +382,7 @@ class Measurement:
     samples_ms: list[float]
     number: int
     peak_mib: float | None = None
+    saved_mib: float | None = None
     compile_stats: dict[str, int] | None = None
     median_ms: float = field(init=False)
     min_ms: float = field(init=False)
@@ -322,6 +391,7 @@ class Measurement:
     ratio_lora: float | None = None
     peak_ratio_base: float | None = None
     peak_ratio_lora: float | None = None
+    saved_ratio_lora: float | None = None
 
     def __post_init__(self) -> None:
         self.median_ms = statistics.median(self.samples_ms)
@@ -364,6 +434,8 @@ def measure(
     for name in names:
         extra[name]["compile_stats"] = warm_up(calls[name], max(args.warmup, 1), args.compile)
         extra[name]["peak_mib"] = peak_memory_mib(calls[name], device)
+        if not args.compile:
+            extra[name]["saved_mib"] = saved_for_backward_mib(calls[name])
     number = {name: calls_per_sample(calls[name], sync, args.min_sample_ms / 1e3) for name in names}
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(args.repeats):
@@ -396,10 +468,24 @@ def check_shape(
         for model in models.values():
             model.eval()
         y_base = models[BASE](x).float()
+        for path in PATH_VARIANTS:  # the forced-path variants get the auto variant's weights: same function
+            name = f"rankmoe_condition_{path}"
+            if name in models and "rankmoe_condition" in models:
+                models[name].load_state_dict(models["rankmoe_condition"].state_dict())
+        outputs = {}
+        result["paths"], result["paths_vs_auto_rel"] = {}, {}
         for name, model in models.items():
             if name != BASE:
-                delta = (model(x).float() - y_base).norm() / y_base.norm()
-                result["relative_delta"][name] = float(delta)
+                outputs[name] = model(x).float()
+                result["relative_delta"][name] = float((outputs[name] - y_base).norm() / y_base.norm())
+                taken = getattr(_layer(model), "last_execution_paths", {}).get("default")
+                if taken is not None:
+                    result["paths"][name] = taken
+        for path in PATH_VARIANTS:
+            name = f"rankmoe_condition_{path}"
+            if name in outputs and "rankmoe_condition" in outputs:
+                ref = outputs["rankmoe_condition"]
+                result["paths_vs_auto_rel"][path] = float((outputs[name] - ref).norm() / ref.norm())
         if LORA in models and "rankmoe_shared" in models:
             lora, shared = _layer(models[LORA]), _layer(models["rankmoe_shared"])
             shared.rankmoe_A["default"].copy_(lora.lora_A["default"].weight)
@@ -450,6 +536,9 @@ def add_ratios(measurements: list[Measurement]) -> None:
                 setattr(row, f"ratio_{attr}", row.median_ms / ref.median_ms)
                 if row.peak_mib is not None and ref.peak_mib:
                     setattr(row, f"peak_ratio_{attr}", row.peak_mib / ref.peak_mib)
+            lora = rows.get(LORA)
+            if row.saved_mib is not None and lora is not None and lora.saved_mib:
+                row.saved_ratio_lora = row.saved_mib / lora.saved_mib
 
 
 def geomean(values: Sequence[float]) -> float:
@@ -565,6 +654,7 @@ def markdown_report(
             f"| {v.name} | {_fmt(inf.get('geomean_ratio_base'))} | {_fmt(inf.get('geomean_ratio_lora'))} |"
             f" {_fmt(tr.get('geomean_ratio_base'))} | {_fmt(tr.get('geomean_ratio_lora'))} |"
         )
+    lines += target_lines(measurements, summary)
     for mode in MODES:
         lines += _mode_table(mode, shapes, variants, measurements)
     lines += _checks_table(checks)
@@ -579,9 +669,9 @@ def _mode_table(mode: str, shapes: list[LayerShape], variants: list[Variant], ro
         "",
         f"## {mode} ({title})",
         "",
-        "| shape | variant | median ms | min ms | IQR ms | ×base | ×LoRA | peak MiB | peak ×base | peak ×LoRA |"
-        + (" graphs / breaks |" if compiled else ""),
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if compiled else ""),
+        "| shape | variant | median ms | min ms | IQR ms | ×base | ×LoRA | peak MiB | peak ×LoRA | saved MiB |"
+        " saved ×LoRA |" + (" graphs / breaks |" if compiled else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if compiled else ""),
     ]
     for shape in shapes:
         for v in variants:
@@ -589,11 +679,38 @@ def _mode_table(mode: str, shapes: list[LayerShape], variants: list[Variant], ro
             line = (
                 f"| {shape.name} | {v.name} | {m.median_ms:.3f} | {m.min_ms:.3f} | {m.iqr_ms:.3f} |"
                 f" {_fmt(m.ratio_base)} | {_fmt(m.ratio_lora)} | {_fmt(m.peak_mib, '.1f')} |"
-                f" {_fmt(m.peak_ratio_base)} | {_fmt(m.peak_ratio_lora)} |"
+                f" {_fmt(m.peak_ratio_lora)} | {_fmt(m.saved_mib, '.1f')} | {_fmt(m.saved_ratio_lora)} |"
             )
             if compiled and m.compile_stats is not None:
                 line += f" {m.compile_stats['graphs']} / {m.compile_stats['graph_breaks']} |"
             lines.append(line)
+    return lines
+
+
+def target_lines(measurements: list[Measurement], summary: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """The issue's targets read off this run: training vs LoRA(R), per-image inference vs base and LoRA(R), memory."""
+    lines = ["", "## Targets", ""]
+    routed = [m for m in measurements if m.variant.startswith("rankmoe")]
+    for mode in MODES:
+        rows = [m for m in routed if m.mode == mode and m.ratio_lora is not None]
+        if rows:
+            worst = max(rows, key=lambda m: m.ratio_lora)
+            auto = [m.ratio_lora for m in rows if m.variant == "rankmoe_condition"]
+            lines.append(
+                f"- {mode}: `rankmoe_condition` (auto) ×LoRA(R) per shape {min(auto):.2f}–{max(auto):.2f};"
+                f" worst RankMoE variant {worst.variant} on {worst.shape}: {worst.ratio_lora:.2f}× LoRA(R)"
+            )
+    auto = summary["inference"].get("rankmoe_condition", {})
+    if auto:
+        lines.append(
+            f"- inference, per-sample routing, automatic path: geometric mean {auto['geomean_ratio_base']:.2f}× base,"
+            f" {auto['geomean_ratio_lora']:.2f}× PEFT LoRA(R) (targets on the `paper` preset, CPU: ≤ 1.05 and ≤ 0.8)"
+        )
+    for attr, label in (("saved_ratio_lora", "saved for backward"), ("peak_ratio_lora", "peak memory")):
+        values = [(getattr(m, attr), m) for m in routed if getattr(m, attr) is not None]
+        if values:
+            ratio, row = max(values, key=lambda item: item[0])
+            lines.append(f"- {label}: at most {ratio:.3f}× PEFT LoRA(R) ({row.variant}, {row.shape}, {row.mode})")
     return lines
 
 
@@ -605,13 +722,21 @@ def _checks_table(checks: dict[str, dict[str, Any]]) -> list[str]:
         "Relative output change |y − y_base| / |y_base| per variant (must be > 0: adapters are initialised"
         " non-trivially), and all-shared RankMoE vs PEFT LoRA with copied weights (relative difference).",
         "",
-        "| shape | relative delta per variant | shared vs LoRA (rel) | adapter dtypes |",
-        "|---|---|---|---|",
+        "`auto path`: the path `rankmoe_condition` (execution_path='auto') took at inference; `paths vs auto`: relative"
+        " difference of each forced path's output from it.",
+        "",
+        "| shape | relative delta per variant | shared vs LoRA (rel) | auto path | paths vs auto (rel) |"
+        " adapter dtypes |",
+        "|---|---|---|---|---|---|",
     ]
     for name, check in checks.items():
         deltas = ", ".join(f"{k} {v:.3g}" for k, v in check["relative_delta"].items())
         dtypes = ", ".join(sorted({d for ds in check["adapter_dtypes"].values() for d in ds}))
-        lines.append(f"| {name} | {deltas} | {_fmt(check.get('shared_vs_lora_rel'), '.2e')} | {dtypes} |")
+        auto = check.get("paths", {}).get("rankmoe_condition", "–")
+        agree = ", ".join(f"{k} {v:.1e}" for k, v in check.get("paths_vs_auto_rel", {}).items()) or "–"
+        lines.append(
+            f"| {name} | {deltas} | {_fmt(check.get('shared_vs_lora_rel'), '.2e')} | {auto} | {agree} | {dtypes} |"
+        )
     return lines
 
 

@@ -27,7 +27,8 @@ from torch import nn
 
 from rankmoe.collapsed import CollapsedLayer, CollapsedLoRA, base_model_of, unload_rankmoe_layers
 from rankmoe.condition import rankmoe_layers
-from rankmoe.layer import RankMoELayer, _is_transformers_conv1d
+from rankmoe.layer import RankMoELayer
+from rankmoe.layer_merge import is_transformers_conv1d
 from rankmoe.routers.base import RoutingInputs
 from rankmoe.routers.selection import expand_rank_gates, select_top_k
 
@@ -227,7 +228,7 @@ def _collapse_layer(layer: RankMoELayer, adapter: str, gates: torch.Tensor) -> C
         lora_A=lora_a.index_select(0, index).clone(),
         lora_B=folded.contiguous(),
         active_ranks=tuple(int(i) for i in active.tolist()),
-        fan_in_fan_out=_is_transformers_conv1d(base),
+        fan_in_fan_out=is_transformers_conv1d(base),
         dilation=tuple(base.dilation) if conv else (),
         padding_mode=base.padding_mode if conv else "zeros",
     )

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
+from rankmoe.dispatch import EXECUTION_PATHS
 from rankmoe.losses.registry import BALANCE_LOSSES
 from rankmoe.routers.base import SlotLayout
 from rankmoe.routers.registry import ROUTERS
@@ -67,6 +68,11 @@ class RankMoEConfig(PeftConfig):
         target_active_ranks: Mean active ranks per routing decision that every layer is steered toward by moving
             its zero slots' selection bias (needs ``selection_bias_update_rate > 0`` and zero slots). ``None``: no
             budget.
+        execution_path: How the layer computes the update: ``"auto"`` (default) picks per call by the break-even
+            rule of :mod:`rankmoe.dispatch`; ``"dense"`` (all ranks, gate on the r-wide intermediate; the path of
+            training and per-token routing), ``"gather"`` (per sample, only the active ranks, a static count) or
+            ``"merge"`` (per sample, ``W + B diag(g) A`` is formed and the base layer runs once with it). All
+            paths compute the same function; ``"gather"`` and ``"merge"`` need per-sample or static routing.
 
     Example:
         >>> cfg = RankMoEConfig(r=40, num_shared_ranks=8, top_k=8, num_zero_experts=4, target_modules=["q"])
@@ -111,6 +117,10 @@ class RankMoEConfig(PeftConfig):
     )
     target_active_ranks: float | None = field(
         default=None, metadata={"help": "Mean active ranks per layer to steer toward (needs bias balancing)."}
+    )
+
+    execution_path: str = field(
+        default="auto", metadata={"help": "'auto', 'dense', 'gather' or 'merge' (see rankmoe.dispatch)."}
     )
 
     def __post_init__(self) -> None:
@@ -178,6 +188,19 @@ class RankMoEConfig(PeftConfig):
         self._validate_router(num_slots)
         self._validate_losses()
         self._validate_bias_balancing()
+        self._validate_execution_path()
+
+    def _validate_execution_path(self) -> None:
+        path = self.execution_path
+        if not isinstance(path, str) or path not in EXECUTION_PATHS:
+            raise ValueError(f"execution_path={path!r} is not one of {list(EXECUTION_PATHS)}")
+        if path in ("gather", "merge") and self.slot_layout.is_routed:
+            router = ROUTERS.get(self.router)
+            if router.level == "token" and not router.is_static:
+                raise ValueError(
+                    f"execution_path={path!r} needs one gate set per sample, but router={self.router!r} routes per "
+                    "token; use execution_path='dense' or 'auto', or a per-sample router ('pooled', 'condition')"
+                )
 
     def _validate_targets(self) -> None:
         for name in ("target_modules", "exclude_modules"):

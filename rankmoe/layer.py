@@ -6,17 +6,18 @@ Axis legend: ``b`` batch, ``n`` tokens, ``d`` features, ``r`` ranks, ``s`` slots
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from rankmoe.config import RankMoEConfig
-from rankmoe.functional import gated_conv_delta, gated_delta_weight, gated_linear_delta
+from rankmoe.dispatch import AdapterGates, ExecutionPath, choose_execution_path, kernel_positions
+from rankmoe.layer_merge import StaticAdapterMixin, is_transformers_conv1d
 from rankmoe.losses.modules import BalanceSettings
+from rankmoe.paths import dense_conv, dense_linear, gather_conv, gather_linear, merged_conv, merged_linear
 from rankmoe.records import ConditionState, RoutingRecord
 from rankmoe.routers.base import LayerSpec, RoutingInputs, SlotLayout
 from rankmoe.routers.registry import get_router_class
@@ -25,21 +26,28 @@ from rankmoe.routers.selection import select_top_k
 SUPPORTED_LAYER_TYPES = ("torch.nn.Linear", "torch.nn.Conv1d", "torch.nn.Conv2d", "transformers.pytorch_utils.Conv1D")
 
 
-def _is_transformers_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
-
-
-class RankMoELayer(BaseTunerLayer):
+class RankMoELayer(StaticAdapterMixin, BaseTunerLayer):
     """Mixin holding the RankMoE adapters of one base layer (PEFT's ``BaseTunerLayer`` contract).
 
     Per adapter it owns ``rankmoe_A`` ``(r, d_in[, *kernel])``, ``rankmoe_B`` ``(d_out, r[, 1, ...])`` and, when
     something is routed, ``rankmoe_router``. It also keeps the last :class:`~rankmoe.records.RoutingRecord` of
     each adapter and the condition set with :func:`rankmoe.condition`.
+
+    Each forward computes every active adapter on one of three paths (:mod:`rankmoe.paths`), chosen per call by
+    :func:`rankmoe.dispatch.choose_execution_path` from the adapter's ``execution_path``: dense-masked in training
+    and for per-token routing; fixed-k gather or a per-sample merged weight at inference with per-sample routing.
+
+    Attributes:
+        execution_path: Configured path per adapter (``"auto"``, ``"dense"``, ``"gather"`` or ``"merge"``); may
+            be changed on a live layer.
+        last_execution_paths: Path each adapter took in the last forward (``"dense"``, ``"gather"``,
+            ``"merge"``).
     """
 
     adapter_layer_names = ("rankmoe_A", "rankmoe_B", "rankmoe_router")
     other_param_names = (
-        "r", "lora_alpha", "scaling", "slot_layout", "router_name", "rankmoe_dropout", "balance_settings"
+        "r", "lora_alpha", "scaling", "slot_layout", "router_name", "rankmoe_dropout", "balance_settings",
+        "execution_path",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -50,6 +58,7 @@ class RankMoELayer(BaseTunerLayer):
         self.slot_layout: dict[str, SlotLayout] = {}
         self.router_name: dict[str, str] = {}
         self.balance_settings: dict[str, BalanceSettings] = {}
+        self.execution_path: dict[str, str] = {}
         self.rankmoe_dropout = nn.ModuleDict({})
         self.rankmoe_A = nn.ParameterDict({})
         self.rankmoe_B = nn.ParameterDict({})
@@ -60,6 +69,7 @@ class RankMoELayer(BaseTunerLayer):
         self.kwargs = kwargs
         self._rankmoe_condition: ConditionState | None = None
         self._rankmoe_records: dict[str, RoutingRecord] = {}
+        self.last_execution_paths: dict[str, str] = {}
         self._rankmoe_stash: ConditionState | None = None
         self._rankmoe_stash_consumed = True
         self._rankmoe_stash_ambiguous = False
@@ -67,7 +77,7 @@ class RankMoELayer(BaseTunerLayer):
         if isinstance(base, (nn.Conv1d, nn.Conv2d)):
             self.spec = LayerSpec.from_conv(base)
             self.in_features, self.out_features = base.in_channels, base.out_channels
-        elif _is_transformers_conv1d(base):
+        elif is_transformers_conv1d(base):
             self.in_features, self.out_features = base.weight.shape
             self.spec = LayerSpec(kind="linear", in_features=self.in_features)
         elif isinstance(base, nn.Linear):
@@ -102,6 +112,7 @@ class RankMoELayer(BaseTunerLayer):
         self.slot_layout[adapter_name] = layout
         self.router_name[adapter_name] = config.router
         self.balance_settings[adapter_name] = BalanceSettings.from_config(config)
+        self.execution_path[adapter_name] = config.execution_path
         dropout = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.rankmoe_dropout[adapter_name] = dropout
         shape_a, shape_b = self._adapter_weight_shapes(config.r)
@@ -113,6 +124,9 @@ class RankMoELayer(BaseTunerLayer):
         elif adapter_name in self.rankmoe_router:
             del self.rankmoe_router[adapter_name]
         self.reset_rankmoe_parameters(adapter_name, config.init_weights)
+        dropout.train(self.training)
+        if adapter_name in self.rankmoe_router:
+            self.rankmoe_router[adapter_name].train(self.training)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -170,16 +184,14 @@ class RankMoELayer(BaseTunerLayer):
             self._rankmoe_stash_ambiguous = False
         return state
 
-    def _route(
-        self, adapter: str, x: torch.Tensor, state: ConditionState | None, dtype: torch.dtype
-    ) -> torch.Tensor | float:
-        """Gates for ``adapter`` with the scaling folded in, shaped to broadcast against ``A x``."""
+    def _route(self, adapter: str, x: torch.Tensor, state: ConditionState | None) -> AdapterGates:
+        """Route ``x`` for ``adapter``: its gates (scaling folded in) and, per sample, the selection."""
         layout = self.slot_layout[adapter]
         scaling = self.scaling[adapter]
-        if not layout.is_routed:
-            return scaling
-        router = self.rankmoe_router[adapter]
         batch_size = self._batch_size(x)
+        if not layout.is_routed:
+            return AdapterGates(adapter, "static", None, batch_size, scaling)
+        router = self.rankmoe_router[adapter]
         if router.requires_condition and (state is None or state.condition is None):
             raise ValueError(
                 f"router {self.router_name[adapter]!r} of adapter {adapter!r} needs a per-sample condition but none "
@@ -214,126 +226,46 @@ class RankMoELayer(BaseTunerLayer):
             batch_size=batch_size,
             severity=inputs.severity,
         )
-        gates = (routing.rank_gates * scaling).to(dtype)
-        return self._place_gates(gates, router.level, x)
+        gates = routing.rank_gates
+        if router.level == "token":
+            if self.spec.kind == "conv":
+                gates = gates.movedim(-1, 1)
+            return AdapterGates(adapter, "token", gates, batch_size, scaling)
+        gates = gates.reshape(batch_size, layout.r)
+        return AdapterGates(adapter, "sample", gates, batch_size, scaling, routing)
 
-    def _place_gates(self, gates: torch.Tensor, level: str, x: torch.Tensor) -> torch.Tensor:
-        """Reshape gates so they broadcast against the r-wide intermediate of ``x``."""
+    def _tokens_per_gate_set(self, x: torch.Tensor, gates: AdapterGates) -> int:
+        """Tokens (output positions for convolutions) that share one gate set in this call."""
         if self.spec.kind == "conv":
-            if level == "token":
-                return gates.movedim(-1, 1)
-            return gates.reshape(*gates.shape, *([1] * self.spec.conv_dim))
-        if level == "token":
-            return gates
-        if x.dim() == 1:
-            return gates.reshape(-1)
-        return gates.reshape(gates.shape[0], *([1] * (x.dim() - 2)), gates.shape[-1])
-
-    def is_static(self, adapter: str) -> bool:
-        """Whether ``adapter``'s gates are the same for every input (no router, or a static router)."""
-        layout = self.slot_layout[adapter]
-        return not layout.is_routed or self.rankmoe_router[adapter].is_static
-
-    def static_gates(self, adapter: str) -> torch.Tensor:
-        """Rank gates ``(r,)`` of a static adapter, scaling folded in.
-
-        Raises:
-            ValueError: If the adapter's routing depends on the input.
-        """
-        if not self.is_static(adapter):
-            raise ValueError(
-                f"adapter {adapter!r} routes with router {self.router_name[adapter]!r}, whose gates depend on the "
-                "input; merging and dense delta weights need static routing (router='static' or every rank shared)"
-            )
-        weight = self.rankmoe_A[adapter]
-        layout = self.slot_layout[adapter]
-        if not layout.is_routed:
-            gates = torch.ones(layout.r, device=weight.device)
+            tokens = 1
+            for size, step in zip(x.shape[-self.spec.conv_dim:], self.spec.stride, strict=True):
+                tokens *= max(1, size // step)
         else:
-            logits = self.rankmoe_router[adapter].fixed_logits().unsqueeze(0)
-            gates = select_top_k(logits, layout, self.rankmoe_router[adapter].selection_bias).rank_gates[0]
-        return gates.to(weight.device) * self.scaling[adapter]
+            tokens = x.numel() // max(1, x.shape[-1]) // gates.batch_size
+        return tokens * gates.batch_size if gates.level == "static" else tokens
 
-    # ------------------------------------------------------------------ scaling (diffusers' LoRA-style weights)
-    def set_scale(self, adapter: str, scale: float) -> None:
-        """Set ``adapter``'s scaling to ``scale * lora_alpha / r`` (diffusers' ``set_adapters(weights=...)``)."""
-        if adapter not in self.scaling:
-            return
-        self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
-
-    def scale_layer(self, scale: float) -> None:
-        """Multiply the scaling of every active adapter by ``scale`` (diffusers' ``cross_attention_kwargs`` scale)."""
-        if scale == 1:
-            return
-        for adapter in self.active_adapters:
-            if adapter in self.rankmoe_A:
-                self.scaling[adapter] *= scale
-
-    def unscale_layer(self, scale: float | None = None) -> None:
-        """Undo :meth:`scale_layer`: divide by ``scale``, or with ``None`` reset to ``lora_alpha / r``."""
-        for adapter in self.active_adapters:
-            if adapter not in self.rankmoe_A:
-                continue
-            if scale is None:
-                self.scaling[adapter] = self.lora_alpha[adapter] / self.r[adapter]
-            else:
-                self.scaling[adapter] /= scale
-
-    # ------------------------------------------------------------------ merging
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """Dense update ``B diag(g) A`` of a static adapter, in the base weight's layout and dtype."""
-        lora_a, lora_b = self.rankmoe_A[adapter], self.rankmoe_B[adapter]
-        dtype = lora_b.dtype
-        upcast = lora_b.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
-        compute = torch.float32 if upcast else dtype
-        delta = gated_delta_weight(lora_a.to(compute), lora_b.to(compute), self.static_gates(adapter).to(compute))
-        if _is_transformers_conv1d(self.get_base_layer()):
-            delta = delta.T
-        return delta.to(dtype)
-
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        """PEFT's ``convert_to_lora`` works exactly when the adapter's routing is static."""
-        return adapter_name in self.rankmoe_A and self.is_static(adapter_name)
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the static adapters' updates to the base weight.
-
-        Raises:
-            ValueError: If an adapter routes per input (merging would be wrong for every other input), or, with
-                ``safe_merge``, if the merged weight is not finite.
-        """
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if not adapter_names:
-            return
-        adapters = [name for name in adapter_names if name in self.rankmoe_A]
-        for adapter in adapters:
-            self.static_gates(adapter)  # raises before anything is modified
-        base = self.get_base_layer()
-        for adapter in adapters:
-            delta = self.get_delta_weight(adapter).to(base.weight.dtype)
-            with torch.no_grad():
-                if safe_merge:
-                    merged = base.weight.data + delta
-                    if not torch.isfinite(merged).all():
-                        raise ValueError(
-                            f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken"
-                        )
-                    base.weight.data = merged
-                else:
-                    base.weight.data += delta
-            self.merged_adapters.append(adapter)
-
-    def unmerge(self) -> None:
-        """Subtract every merged adapter from the base weight."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        base = self.get_base_layer()
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter in self.rankmoe_A:
-                with torch.no_grad():
-                    base.weight.data -= self.get_delta_weight(adapter).to(base.weight.dtype)
+    def _execution_path(self, x: torch.Tensor, gates: AdapterGates) -> ExecutionPath:
+        """The path (``dense``, ``gather`` or ``merge``) of one adapter for this call (:mod:`rankmoe.dispatch`)."""
+        adapter = gates.adapter
+        dropout_active = self.training and isinstance(self.rankmoe_dropout[adapter], nn.Dropout)
+        path = choose_execution_path(
+            self.execution_path.get(adapter, "auto"),
+            level=gates.level,
+            tokens_per_gate_set=self._tokens_per_gate_set(x, gates),
+            in_features=self.in_features,
+            out_features=self.out_features,
+            kernel_numel=kernel_positions(self.spec.kernel_size),
+            training=self.training or torch.is_grad_enabled(),
+        )
+        if path == "merge" and dropout_active:
+            raise ValueError(
+                f"execution_path='merge' of adapter {adapter!r} cannot apply lora_dropout: the merged weight sees "
+                "the undropped input; call eval() for inference, or use execution_path='auto' or 'dense' to train"
+            )
+        if path == "gather" and gates.level == "static":
+            path = "dense"  # gathering every rank is the dense path
+        self.last_execution_paths[adapter] = path
+        return path
 
     # ------------------------------------------------------------------ forward
     def _check_forward_args(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> None:
@@ -351,7 +283,7 @@ class RankMoELayer(BaseTunerLayer):
             )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Base output plus the gated update of every active adapter."""
+        """Base output plus the gated update of every active adapter, on the path :mod:`rankmoe.dispatch` picks."""
         self._check_forward_args(x, *args, **kwargs)
         adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
@@ -362,14 +294,37 @@ class RankMoELayer(BaseTunerLayer):
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        state = self._resolve_condition()
+        routed = [self._route(name, x, state) for name in self.active_adapters if name in self.rankmoe_A]
+        paths = [self._execution_path(x, gates) for gates in routed]
+        if len(routed) == 1 and paths[0] == "merge" and self._can_bypass_base_layer(args, kwargs):
+            return self._merged_forward(x, routed[0])
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
-        state = self._resolve_condition()
-        for adapter in self.active_adapters:
-            if adapter in self.rankmoe_A:
-                # add in the wider dtype (fp32 adapters on a bf16 base), round once, as PEFT's LoRA does
-                result = result + self._adapter_delta(x, adapter, state)
+        for gates, path in zip(routed, paths, strict=True):
+            # several adapters: each one's update is added unmerged (a merge would bypass the others)
+            unmerged = path if path != "merge" else ("gather" if gates.level == "sample" else "dense")
+            self.last_execution_paths[gates.adapter] = unmerged
+            result = self._accumulate(result, x, gates, unmerged)
         return result.to(result_dtype)
+
+    def _can_bypass_base_layer(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether the merged path may run the base computation itself (no extra arguments, no hooks)."""
+        base = self.get_base_layer()
+        return (
+            not args and not kwargs and base is self.base_layer
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and base.weight.dtype.is_floating_point
+        )
+
+    def _adapter_inputs(
+        self, result: torch.Tensor, x: torch.Tensor, adapter: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(result, x_in, A, B)`` in the dtype the update is added in (the wider of base output and adapter)."""
+        lora_a, lora_b = self.rankmoe_A[adapter], self.rankmoe_B[adapter]
+        dtype = torch.promote_types(result.dtype, lora_a.dtype)
+        x_in = self.rankmoe_dropout[adapter](self._cast_input_dtype(x, lora_a.dtype))
+        return result.to(dtype), x_in.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
@@ -381,10 +336,9 @@ class RankMoELayer(BaseTunerLayer):
                 continue
             rows = [index for index, name in enumerate(adapter_names) if name == adapter]
             sub_state = None if state is None else state.rows(rows)
-            delta = self._adapter_delta(x[rows], adapter, sub_state)
-            result[rows] = result[rows] + delta.to(result.dtype)
+            gates = self._route(adapter, x[rows], sub_state)
+            result[rows] = self._accumulate(result[rows], x[rows], gates, "dense").to(result.dtype)
         return result
-
 
 
 class Linear(nn.Module, RankMoELayer):
@@ -403,12 +357,27 @@ class Linear(nn.Module, RankMoELayer):
         RankMoELayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
+        self.train(self.get_base_layer().training)  # a new wrapper inherits the mode of the layer it wraps
 
-    def _adapter_delta(self, x: torch.Tensor, adapter: str, state: ConditionState | None) -> torch.Tensor:
-        lora_a, lora_b = self.rankmoe_A[adapter], self.rankmoe_B[adapter]
-        x_in = self.rankmoe_dropout[adapter](self._cast_input_dtype(x, lora_a.dtype))
-        gates = self._route(adapter, x, state, lora_a.dtype)
-        return gated_linear_delta(x_in, lora_a, lora_b, gates)
+    def _accumulate(self, result: torch.Tensor, x: torch.Tensor, gates: AdapterGates, path: str) -> torch.Tensor:
+        result, x_in, lora_a, lora_b = self._adapter_inputs(result, x, gates.adapter)
+        if path == "gather":
+            index, rank_gates = gates.gathered(self.slot_layout[gates.adapter], lora_a.dtype)
+            return gather_linear(result, x_in, lora_a, lora_b, index, rank_gates)
+        dense = gates.dense(lora_a.dtype)
+        return dense_linear(result, x_in, lora_a, lora_b, dense, gates.level)
+
+    def _merged_forward(self, x: torch.Tensor, gates: AdapterGates) -> torch.Tensor:
+        base = self.get_base_layer()
+        weight = base.weight.T if is_transformers_conv1d(base) else base.weight
+        lora_a, lora_b = self.rankmoe_A[gates.adapter], self.rankmoe_B[gates.adapter]
+        compute = torch.promote_types(lora_a.dtype, torch.float32)
+        if gates.level == "static":
+            index, rank_gates = None, gates.scaling
+        else:
+            index, rank_gates = gates.gathered(self.slot_layout[gates.adapter], compute)
+        x = self._cast_input_dtype(x, weight.dtype)
+        return merged_linear(x, weight, base.bias, lora_a.to(compute), lora_b.to(compute), index, rank_gates)
 
 
 class Conv(nn.Module, RankMoELayer):
@@ -432,21 +401,44 @@ class Conv(nn.Module, RankMoELayer):
         RankMoELayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
+        self.train(self.get_base_layer().training)  # a new wrapper inherits the mode of the layer it wraps
 
-    def _adapter_delta(self, x: torch.Tensor, adapter: str, state: ConditionState | None) -> torch.Tensor:
+    def _conv_geometry(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """``x`` padded as the base layer pads it (non-zero padding modes) and the padding left to apply."""
+        base = self.get_base_layer()
+        if base.padding_mode != "zeros":
+            return F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode), 0
+        return x, base.padding
+
+    def _accumulate(self, result: torch.Tensor, x: torch.Tensor, gates: AdapterGates, path: str) -> torch.Tensor:
         unbatched = x.dim() == self.spec.conv_dim + 1
         if unbatched:
-            x = x.unsqueeze(0)
-        lora_a, lora_b = self.rankmoe_A[adapter], self.rankmoe_B[adapter]
+            x, result = x.unsqueeze(0), result.unsqueeze(0)
         base = self.get_base_layer()
-        x_in = self.rankmoe_dropout[adapter](self._cast_input_dtype(x, lora_a.dtype))
-        padding = base.padding
-        if base.padding_mode != "zeros":
-            x_in = F.pad(x_in, base._reversed_padding_repeated_twice, mode=base.padding_mode)
-            padding = 0
-        gates = self._route(adapter, x, state, lora_a.dtype)
-        delta = gated_conv_delta(x_in, lora_a, lora_b, gates, base.stride, padding, base.dilation)
-        return delta.squeeze(0) if unbatched else delta
+        result, x_in, lora_a, lora_b = self._adapter_inputs(result, x, gates.adapter)
+        x_in, padding = self._conv_geometry(x_in)
+        geometry = (base.stride, padding, base.dilation)
+        if path == "gather":
+            index, rank_gates = gates.gathered(self.slot_layout[gates.adapter], lora_a.dtype)
+            out = gather_conv(result, x_in, lora_a, lora_b, index, rank_gates, *geometry)
+        else:
+            dense = gates.dense(lora_a.dtype)
+            out = dense_conv(result, x_in, lora_a, lora_b, dense, gates.level, *geometry)
+        return out.squeeze(0) if unbatched else out
+
+    def _merged_forward(self, x: torch.Tensor, gates: AdapterGates) -> torch.Tensor:
+        unbatched = x.dim() == self.spec.conv_dim + 1
+        base = self.get_base_layer()
+        lora_a, lora_b = self.rankmoe_A[gates.adapter], self.rankmoe_B[gates.adapter]
+        compute = torch.promote_types(lora_a.dtype, torch.float32)
+        if gates.level == "static":
+            index, rank_gates = None, gates.scaling
+        else:
+            index, rank_gates = gates.gathered(self.slot_layout[gates.adapter], compute)
+        x, padding = self._conv_geometry(self._cast_input_dtype(x.unsqueeze(0) if unbatched else x, base.weight.dtype))
+        out = merged_conv(x, base.weight, base.bias, lora_a.to(compute), lora_b.to(compute), index, rank_gates,
+                          base.stride, padding, base.dilation)
+        return out.squeeze(0) if unbatched else out
 
 
 def create_rankmoe_module(target: nn.Module, adapter_name: str, config: RankMoEConfig) -> nn.Module:
@@ -458,7 +450,7 @@ def create_rankmoe_module(target: nn.Module, adapter_name: str, config: RankMoEC
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if isinstance(base, (nn.Conv1d, nn.Conv2d)):
         return Conv(target, adapter_name, config)
-    if isinstance(base, nn.Linear) or _is_transformers_conv1d(base):
+    if isinstance(base, nn.Linear) or is_transformers_conv1d(base):
         return Linear(target, adapter_name, config)
     raise TypeError(
         f"RankMoE cannot adapt module of type {type(base).__module__}.{type(base).__name__}; supported layer "

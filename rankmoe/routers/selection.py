@@ -41,6 +41,7 @@ class Routing:
     Attributes:
         probs: Softmax over all slots, ``(..., s)``, float32.
         top_indices: Selected slots, ``(..., top_k)``, int64.
+        top_weights: Weight of each selected slot, ``(..., top_k)`` (zero slots included).
         slot_gates: Weight of every slot, ``(..., s)``: ``w_i`` for selected slots (zero slots included), 0
             otherwise.
         rank_gates: Gate per rank, ``(..., r)``: 1 for shared ranks, the expert's weight for routed ranks, 0 for
@@ -49,6 +50,7 @@ class Routing:
 
     probs: torch.Tensor
     top_indices: torch.Tensor
+    top_weights: torch.Tensor
     slot_gates: torch.Tensor
     rank_gates: torch.Tensor
 
@@ -91,6 +93,7 @@ def select_top_k(logits: torch.Tensor, layout: SlotLayout, selection_bias: torch
     return Routing(
         probs=probs,
         top_indices=top_indices,
+        top_weights=top_weights,
         slot_gates=slot_gates,
         rank_gates=expand_rank_gates(slot_gates, layout),
     )
@@ -142,3 +145,46 @@ def active_ranks(top_indices: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
     """
     real = (top_indices < layout.num_experts).sum(dim=-1)
     return (layout.num_shared_ranks + layout.expert_rank * real).float()
+
+
+def gathered_ranks(
+    top_indices: torch.Tensor, top_weights: torch.Tensor, layout: SlotLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ranks a fixed-k gather path reads, with their gates: shared ranks first, then the selected experts.
+
+    The number of gathered ranks is static, ``k = num_shared_ranks + expert_rank * top_k``, whatever was
+    selected: a selected zero slot points at rank 0 with gate 0, so it contributes nothing and never changes a
+    shape.
+
+    Args:
+        top_indices: Selected slots ``(..., top_k)``.
+        top_weights: Their weights ``(..., top_k)`` (:attr:`Routing.top_weights`).
+        layout: The adapter's slot layout.
+
+    Returns:
+        ``(rank_index, rank_gates)``, both ``(..., k)``: int64 rank positions and their gates (scaling not folded
+        in; shared ranks 1).
+
+    Example:
+        >>> layout = SlotLayout(r=4, num_shared_ranks=1, top_k=2, num_zero_experts=1)
+        >>> routing = select_top_k(torch.tensor([[1.0, -1e9, -1e9, 0.0]]), layout)  # expert 0 and the zero slot
+        >>> index, gates = gathered_ranks(routing.top_indices, routing.top_weights, layout)
+        >>> index.tolist(), [round(g, 3) for g in gates[0].tolist()]
+        ([[0, 1, 0]], [1.0, 1.462, 0.0])
+    """
+    real = top_indices < layout.num_experts
+    weights = top_weights * real
+    if layout.expert_rank == 1:
+        routed = torch.where(real, top_indices + layout.num_shared_ranks, 0)
+    else:
+        offsets = torch.arange(layout.expert_rank, device=top_indices.device)
+        first = top_indices * layout.expert_rank + layout.num_shared_ranks
+        routed = torch.where(real, first, 0).unsqueeze(-1) + offsets * real.unsqueeze(-1)
+        routed = routed.flatten(-2)
+        weights = weights.repeat_interleave(layout.expert_rank, dim=-1)
+    if layout.num_shared_ranks == 0:
+        return routed, weights
+    lead = top_indices.shape[:-1]
+    shared = torch.arange(layout.num_shared_ranks, device=top_indices.device).expand(*lead, -1)
+    shared_gates = weights.new_ones((*lead, layout.num_shared_ranks))
+    return torch.cat([shared, routed], dim=-1), torch.cat([shared_gates, weights], dim=-1)

@@ -1,0 +1,138 @@
+"""Choosing the execution path of a RankMoE layer: the break-even rule, as pure functions.
+
+The three paths (see :mod:`rankmoe.paths`) compute the same function. Which one is fastest depends on how many
+tokens share one set of gates. Merging costs ``2 d_in d_out k`` FLOPs and one read and write of the weight per
+gate set; the unmerged branch costs ``2 n k (d_in + d_out)`` FLOPs and several activation-sized passes for ``n``
+tokens. Both models give the same break-even::
+
+    n* = d_in d_out / (d_in + d_out)                      linear layer
+    n* = (d_in kh kw) d_out / (d_in kh kw + d_out)         convolution (B is 1x1), n = output positions
+
+Above ``n*`` tokens per gate set, merging wins; below, the fixed-k gather (per-sample gates) or dense-masked
+(static gates) branch wins. Training and per-token routing always take the dense-masked path: a merged weight
+would need the frozen weight's gradient GEMM, and per-token gates cannot be merged or gathered per sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from rankmoe.routers.base import SlotLayout
+from rankmoe.routers.selection import Routing, gathered_ranks
+
+ExecutionPath = Literal["dense", "gather", "merge"]
+EXECUTION_PATHS: tuple[str, ...] = ("auto", "dense", "gather", "merge")
+"""Values of :attr:`RankMoEConfig.execution_path <rankmoe.RankMoEConfig.execution_path>`."""
+
+GateLevel = Literal["token", "sample", "static"]
+
+
+def break_even_tokens(in_features: int, out_features: int, kernel_numel: int = 1) -> float:
+    """Tokens per gate set above which merging the update into the weight is cheaper than the branch.
+
+    Args:
+        in_features: ``d_in`` (input channels for a convolution).
+        out_features: ``d_out``.
+        kernel_numel: Positions of the base kernel (``kh * kw``; 1 for a linear layer or a 1x1 convolution).
+
+    Returns:
+        ``n* = (d_in kernel_numel) d_out / (d_in kernel_numel + d_out)``.
+
+    Example:
+        >>> break_even_tokens(320, 320)
+        160.0
+        >>> round(break_even_tokens(320, 320, kernel_numel=9), 1)
+        288.0
+    """
+    fan_in = in_features * kernel_numel
+    return fan_in * out_features / (fan_in + out_features)
+
+
+def choose_execution_path(
+    requested: str,
+    *,
+    level: GateLevel,
+    tokens_per_gate_set: int,
+    in_features: int,
+    out_features: int,
+    kernel_numel: int = 1,
+    training: bool = False,
+) -> ExecutionPath:
+    """The path one adapter of one layer takes for one call.
+
+    Args:
+        requested: The configured path: ``"auto"`` or a fixed ``"dense"`` / ``"gather"`` / ``"merge"`` (returned
+            as is; :class:`~rankmoe.RankMoEConfig` refuses fixed paths that do not fit the router).
+        level: How gates vary: ``"token"`` (per token), ``"sample"`` (one gate set per sample) or ``"static"``
+            (one gate set for every input: no router, or a static router).
+        tokens_per_gate_set: Tokens that share one gate set: tokens (output positions) per sample for
+            ``"sample"``, all tokens of the call for ``"static"``.
+        in_features: ``d_in``.
+        out_features: ``d_out``.
+        kernel_numel: Positions of the base kernel.
+        training: Whether the layer is in ``train()`` mode or gradients are being recorded: then ``"auto"`` picks
+            ``"dense"`` (a reentrant activation checkpoint recomputes under gradients what ran without, so the
+            paths of both passes must agree).
+
+    Returns:
+        ``"dense"``, ``"gather"`` or ``"merge"``.
+
+    Example:
+        >>> choose_execution_path("auto", level="sample", tokens_per_gate_set=4096, in_features=320,
+        ...                       out_features=320)
+        'merge'
+        >>> choose_execution_path("auto", level="sample", tokens_per_gate_set=64, in_features=1280,
+        ...                       out_features=1280)
+        'gather'
+    """
+    if requested != "auto":
+        return requested  # type: ignore[return-value]
+    if level == "token" or training:
+        return "dense"
+    if tokens_per_gate_set > break_even_tokens(in_features, out_features, kernel_numel):
+        return "merge"
+    return "gather" if level == "sample" else "dense"
+
+
+def kernel_positions(kernel_size: tuple[int, ...]) -> int:
+    """``kh * kw`` of a kernel size tuple (1 for ``()``, a linear layer)."""
+    return math.prod(kernel_size) if kernel_size else 1
+
+
+@dataclass
+class AdapterGates:
+    """The gates of one adapter for one forward call (internal to the layers).
+
+    Attributes:
+        adapter: Adapter name.
+        level: ``"token"``, ``"sample"`` or ``"static"``.
+        rank_gates: Gate per rank without the scaling: ``"token"``: ``(..., r)`` (conv: ``(b, r, *spatial_out)``);
+            ``"sample"``: ``(b, r)``; ``"static"``: ``None``.
+        batch_size: Samples in the call.
+        scaling: The adapter's scaling at this call.
+        routing: The per-sample :class:`~rankmoe.routers.selection.Routing` (``"sample"`` only).
+    """
+
+    adapter: str
+    level: GateLevel
+    rank_gates: torch.Tensor | None
+    batch_size: int
+    scaling: float
+    routing: Routing | None = None
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor | float:
+        """Gates of the dense path with the scaling folded in, in ``dtype`` (the float scaling when static)."""
+        if self.rank_gates is None:
+            return self.scaling
+        return (self.rank_gates * self.scaling).to(dtype)
+
+    def gathered(self, layout: SlotLayout, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rank_index, rank_gates)`` ``(b, k)`` of the fixed-k gather, scaling folded in (``"sample"`` only)."""
+        if self.routing is None:
+            raise ValueError(f"adapter {self.adapter!r} has {self.level} gates; only per-sample gates are gathered")
+        index, gates = gathered_ranks(self.routing.top_indices, self.routing.top_weights, layout)
+        return index, (gates * self.scaling).to(dtype)
