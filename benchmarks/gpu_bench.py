@@ -46,7 +46,9 @@ from rankmoe import RankMoEConfig  # noqa: E402
 START = time.monotonic()
 MODES = ("inference", "training")
 PATHS = ("dense", "gather", "merge", "auto")
-VARIANTS = ("base", "lora_R", "lora_k", *(f"rankmoe_{p}" for p in PATHS))
+VARIANTS = ("base", "lora_R", "lora_k", *(f"rankmoe_{p}" for p in PATHS), "rankmoe_auto_rerouted")
+"""``rankmoe_auto_rerouted``: auto with the routing recomputed every call (a new image per call, as in one-step
+SR); the other RankMoE variants reuse the routing of the condition, as over the steps of a diffusion sampler."""
 KINDS = ("eager", "compiled", "cudagraph")
 RATIO_KEYS = tuple(f"{k}_x_{ref}" for k in KINDS for ref in ("base", "lora_R"))
 TOTAL_RANK, ACTIVE_RANK, CONDITION_DIM = 40, 16, 7
@@ -140,10 +142,21 @@ def build_models(layer: nn.Module, fp32_adapters: bool) -> dict[str, nn.Module]:
     models: dict[str, nn.Module] = {"base": Wrapper(copy.deepcopy(layer)).requires_grad_(False)}
     for name, r in (("lora_R", TOTAL_RANK), ("lora_k", ACTIVE_RANK)):
         models[name] = adapt(LoraConfig(r=r, lora_alpha=r, init_lora_weights=False, target_modules=["layer"]))
-    for path in PATHS:
-        models[f"rankmoe_{path}"] = adapt(rankmoe_config(path))
+    for path in (*PATHS, "auto_rerouted"):
+        models[f"rankmoe_{path}"] = adapt(rankmoe_config(path.removesuffix("_rerouted")))
         models[f"rankmoe_{path}"].load_state_dict(models["rankmoe_dense"].state_dict())
     return models
+
+
+def forget_routing(model: nn.Module) -> Callable[[], None]:
+    """A function that drops the routing every RankMoE layer of ``model`` keeps for its condition."""
+    caches = [m._rankmoe_routing_cache for m in model.modules() if hasattr(m, "_rankmoe_routing_cache")]
+
+    def clear() -> None:
+        for cache in caches:
+            cache.clear()
+
+    return clear
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -186,13 +199,17 @@ def check_paths(models: dict[str, nn.Module], x: torch.Tensor, cond: torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------------- timing
-def make_call(model: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, mode: str) -> Callable[[], None]:
+def make_call(
+    model: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, mode: str, reroute: bool = False
+) -> Callable[[], None]:
     """One forward under ``no_grad`` (``inference``, sets ``eval()``) or forward + backward of ``grad_out`` into
     the trainable parameters and a copy of ``x``, gradients set to ``None`` first (``training``, sets ``train()``)."""
     if mode == "inference":
         model.eval()
+        forget = forget_routing(model) if reroute else (lambda: None)
 
         def infer() -> None:
+            forget()
             with torch.no_grad():
                 model(x)
 
@@ -298,7 +315,8 @@ def measure(row: Row, model: nn.Module, compiled: nn.Module | None, inputs: tupl
 
     Failures of the CUDA-graph and compiled timings are recorded in ``row.errors``, not raised.
     """
-    call = make_call(model, *inputs, row.mode)
+    reroute = row.variant.endswith("_rerouted")
+    call = make_call(model, *inputs, row.mode, reroute)
     row.eager_ms = timer(call)
     row.peak_mib = peak_mib(call, inputs[0].device)
     if inputs[0].device.type == "cuda":
@@ -315,7 +333,7 @@ def measure(row: Row, model: nn.Module, compiled: nn.Module | None, inputs: tupl
         row.errors["compiled"] = "skipped: over --budget-s"
         return
     try:
-        compiled_call = make_call(compiled, *inputs, row.mode)
+        compiled_call = make_call(compiled, *inputs, row.mode, reroute)
         counters = torch._dynamo.utils.counters
         counters.clear()
         for _ in range(3):

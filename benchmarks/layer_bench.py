@@ -175,12 +175,15 @@ class Variant:
         description: What it is, for the report.
         config: The PEFT config (``None`` for the bare base layer).
         needs_condition: Whether calls run inside ``rankmoe.condition(model, cond)``.
+        reroute: Whether every inference call recomputes the routing (a new image per call, as in one-step SR);
+            otherwise the layers reuse the routing of the condition, as over the steps of a diffusion sampler.
     """
 
     name: str
     description: str
     config: peft.PeftConfig | None
     needs_condition: bool = False
+    reroute: bool = False
 
 
 def _rankmoe_config(**kwargs: Any) -> RankMoEConfig:
@@ -224,6 +227,13 @@ def make_variants() -> list[Variant]:
             _rankmoe_config(**MOR_PRESET, router="condition", router_kwargs={"condition_dim": CONDITION_DIM}),
             needs_condition=True,
         ),
+        Variant(
+            "rankmoe_condition_rerouted",
+            "as rankmoe_condition, the routing recomputed every call (a new image per call, as in one-step SR)",
+            _rankmoe_config(**MOR_PRESET, router="condition", router_kwargs={"condition_dim": CONDITION_DIM}),
+            needs_condition=True,
+            reroute=True,
+        ),
         *[
             Variant(
                 f"rankmoe_condition_{path}",
@@ -259,8 +269,12 @@ def adapter_dtypes(model: nn.Module) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- calls
 
-def make_call(model: nn.Module, x: torch.Tensor, mode: Mode, cuda_graphs: bool = False) -> Callable[[], None]:
+def make_call(
+    model: nn.Module, x: torch.Tensor, mode: Mode, cuda_graphs: bool = False, reroute: bool = False
+) -> Callable[[], None]:
     """A zero-argument function running one forward (``inference``) or forward + backward (``training``).
+
+    With ``reroute`` every inference call first drops the routing the RankMoE layers keep for their condition.
 
     Training sets every gradient to ``None`` first (no accumulation) and back-propagates a fixed random
     output gradient into the trainable parameters and into ``x``. With ``cuda_graphs`` (``torch.compile`` mode
@@ -269,9 +283,12 @@ def make_call(model: nn.Module, x: torch.Tensor, mode: Mode, cuda_graphs: bool =
     step = torch.compiler.cudagraph_mark_step_begin if cuda_graphs else (lambda: None)
     if mode == "inference":
         model.eval()
+        caches = [m._rankmoe_routing_cache for m in model.modules() if reroute and hasattr(m, "_rankmoe_routing_cache")]
 
         def infer() -> None:
             step()
+            for cache in caches:
+                cache.clear()
             with torch.no_grad():
                 model(x)
 
@@ -468,7 +485,7 @@ def check_shape(
         for model in models.values():
             model.eval()
         y_base = models[BASE](x).float()
-        for path in PATH_VARIANTS:  # the forced-path variants get the auto variant's weights: same function
+        for path in (*PATH_VARIANTS, "rerouted"):  # the same weights as the auto variant: the same function
             name = f"rankmoe_condition_{path}"
             if name in models and "rankmoe_condition" in models:
                 models[name].load_state_dict(models["rankmoe_condition"].state_dict())
@@ -517,7 +534,7 @@ def run_shape(
         progress.set_postfix_str(f"{shape.name} {mode}")
         with conditions(models, by_name, cond):
             cuda_graphs = args.compile and args.compile_mode == "reduce-overhead"
-            calls = {name: make_call(m, x, mode, cuda_graphs) for name, m in models.items()}
+            calls = {name: make_call(m, x, mode, cuda_graphs, by_name[name].reroute) for name, m in models.items()}
             timed = measure(calls, args, device, progress)
         measurements += [Measurement(shape.name, mode, name, **timed[name]) for name in calls]
     add_ratios(measurements)

@@ -16,8 +16,8 @@ would need the frozen weight's gradient GEMM, and per-token gates cannot be merg
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -123,16 +123,21 @@ class AdapterGates:
     batch_size: int
     scaling: float
     routing: Routing | None = None
+    _memo: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor | float:
         """Gates of the dense path with the scaling folded in, in ``dtype`` (the float scaling when static)."""
         if self.rank_gates is None:
             return self.scaling
-        return (self.rank_gates * self.scaling).to(dtype)
+        if ("dense", dtype) not in self._memo:  # computed once per call, or once per cached routing
+            self._memo["dense", dtype] = (self.rank_gates * self.scaling).to(dtype)
+        return self._memo["dense", dtype]
 
     def gathered(self, layout: SlotLayout, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rank_index, rank_gates)`` ``(b, k)`` of the fixed-k gather, scaling folded in (``"sample"`` only)."""
         if self.routing is None:
             raise ValueError(f"adapter {self.adapter!r} has {self.level} gates; only per-sample gates are gathered")
-        index, gates = gathered_ranks(self.routing.top_indices, self.routing.top_weights, layout)
-        return index, (gates * self.scaling).to(dtype)
+        if ("gathered", dtype) not in self._memo:
+            index, gates = gathered_ranks(self.routing.top_indices, self.routing.top_weights, layout)
+            self._memo["gathered", dtype] = (index, (gates * self.scaling).to(dtype))
+        return self._memo["gathered", dtype]

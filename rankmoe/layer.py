@@ -69,6 +69,7 @@ class RankMoELayer(StaticAdapterMixin, BaseTunerLayer):
         self.kwargs = kwargs
         self._rankmoe_condition: ConditionState | None = None
         self._rankmoe_records: dict[str, RoutingRecord] = {}
+        self._rankmoe_routing_cache: dict[str, tuple[Any, ...]] = {}
         self.last_execution_paths: dict[str, str] = {}
         self._rankmoe_stash: ConditionState | None = None
         self._rankmoe_stash_consumed = True
@@ -198,6 +199,12 @@ class RankMoELayer(StaticAdapterMixin, BaseTunerLayer):
                 "is set; wrap the call in `with rankmoe.condition(model, cond): ...` or call "
                 "rankmoe.set_condition(model, cond)"
             )
+        key = self._routing_cache_key(adapter, router, state, batch_size)
+        cached = self._rankmoe_routing_cache.get(adapter)
+        if key is not None and cached is not None and cached[0] == key and cached[1] is state.condition:
+            self._rankmoe_records[adapter] = cached[2]
+            return cached[3]
+        original = state
         if state is not None and state.batch_size != batch_size:
             grown = state.expanded(batch_size)
             if grown is None:
@@ -216,7 +223,7 @@ class RankMoELayer(StaticAdapterMixin, BaseTunerLayer):
         )
         logits = router(inputs)
         routing = select_top_k(logits, layout, router.selection_bias)
-        self._rankmoe_records[adapter] = RoutingRecord(
+        record = RoutingRecord(
             layout=layout,
             level=router.level,
             logits=logits,
@@ -226,13 +233,42 @@ class RankMoELayer(StaticAdapterMixin, BaseTunerLayer):
             batch_size=batch_size,
             severity=inputs.severity,
         )
+        self._rankmoe_records[adapter] = record
         gates = routing.rank_gates
         if router.level == "token":
             if self.spec.kind == "conv":
                 gates = gates.movedim(-1, 1)
             return AdapterGates(adapter, "token", gates, batch_size, scaling)
-        gates = gates.reshape(batch_size, layout.r)
-        return AdapterGates(adapter, "sample", gates, batch_size, scaling, routing)
+        result = AdapterGates(adapter, "sample", gates.reshape(batch_size, layout.r), batch_size, scaling, routing)
+        if key is not None:  # hold the condition itself, so its id cannot be reused by another tensor
+            self._rankmoe_routing_cache[adapter] = (key, original.condition, record, result)
+        else:
+            self._rankmoe_routing_cache.pop(adapter, None)
+        return result
+
+    def _routing_cache_key(
+        self, adapter: str, router: nn.Module, state: ConditionState | None, batch_size: int
+    ) -> tuple[Any, ...] | None:
+        """Key under which a routing may be reused, or ``None`` when it must be computed.
+
+        Only at inference (``eval()``, no gradients, not compiling, not capturing a CUDA graph: a replayed graph
+        must contain the routing), for per-sample routers whose logits do not read
+        the layer input, under a condition tensor: then the routing depends only on that tensor's identity and
+        version, the router's parameters and buffers (their storage and version, which changes with every in-place
+        update such as an optimizer step or ``load_state_dict``), the batch size and the scaling.
+        """
+        if (
+            router.reads_input or router.level != "sample" or state is None or state.condition is None
+            or self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+        ):
+            return None
+        versions = tuple((t.data_ptr(), t._version) for t in (*router.parameters(), *router.buffers()))
+        severity = state.severity
+        return (
+            id(state.condition), state.condition._version, None if severity is None else id(severity),
+            None if severity is None else severity._version, state.repeat, batch_size, self.scaling[adapter], versions,
+        )
 
     def _tokens_per_gate_set(self, x: torch.Tensor, gates: AdapterGates) -> int:
         """Tokens (output positions for convolutions) that share one gate set in this call."""

@@ -152,6 +152,10 @@ class Router(nn.Module, metaclass=abc.ABCMeta):
     """Whether the router reads ``RoutingInputs.condition``; the layer then refuses to run without one."""
     is_static: ClassVar[bool] = False
     """Whether the logits never depend on the input (then :meth:`fixed_logits` returns them and merging works)."""
+    reads_input: ClassVar[bool] = True
+    """Whether the logits may depend on ``RoutingInputs.x``. ``False`` (logits from the condition and the router's
+    own parameters only) lets a layer at inference reuse one routing for repeated calls under the same condition
+    tensor, e.g. the steps of a diffusion sampler; leave ``True`` when in doubt."""
 
     def __init__(self, layout: SlotLayout, spec: LayerSpec) -> None:
         super().__init__()

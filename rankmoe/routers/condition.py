@@ -32,6 +32,7 @@ class ConditionRouter(Router):
 
     level = "sample"
     requires_condition = True
+    reads_input = False
 
     def __init__(
         self,

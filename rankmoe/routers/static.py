@@ -45,6 +45,7 @@ class StaticRouter(Router):
 
     level = "sample"
     is_static = True
+    reads_input = False
 
     def __init__(self, layout: SlotLayout, spec: LayerSpec, selected: list[int] | None = None) -> None:
         super().__init__(layout, spec)
