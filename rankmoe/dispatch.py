@@ -8,9 +8,21 @@ tokens. Both models give the same break-even::
     n* = d_in d_out / (d_in + d_out)                      linear layer
     n* = (d_in kh kw) d_out / (d_in kh kw + d_out)         convolution (B is 1x1), n = output positions
 
-Above ``n*`` tokens per gate set, merging wins; below, the fixed-k gather (per-sample gates) or dense-masked
-(static gates) branch wins. Training and per-token routing always take the dense-masked path: a merged weight
-would need the frozen weight's gradient GEMM, and per-token gates cannot be merged or gathered per sample.
+Above ``n*`` tokens per gate set merging saves time; below, the fixed-k gather (per-sample gates) or
+dense-masked (static gates) branch does. The automatic rule adds three measured refinements:
+
+* **memory**: a merged weight ``(d_out, d_in kh kw)`` per gate set must not be larger than the output it
+  produces, ``(n, d_out)``: merge only when also ``n >= d_in kh kw``. The merged weight then never raises the
+  call's peak memory above what the branch allocates (on CPU it was also the faster side: a 3x3 convolution
+  with 640 channels at 32x32 ran 0.95x base gathered and 1.12x merged);
+* **batched convolutions** gather instead of merging: per-sample kernels run as one grouped convolution, which
+  was slower than the gathered branch on CPU and on an H100;
+* **GPUs** take the dense path: there every path is bound by kernel launches and memory latency at these sizes,
+  and dense (the fewest kernels) was the fastest of the three on every measured shape of an H100, eager and in
+  CUDA graphs (``benchmarks/results/``). Gather and merge are CPU fast paths, and can be forced on any device.
+
+Training and per-token routing always take the dense-masked path: a merged weight would need the frozen
+weight's gradient GEMM, and per-token gates cannot be merged or gathered per sample.
 """
 
 from __future__ import annotations
@@ -60,6 +72,9 @@ def choose_execution_path(
     in_features: int,
     out_features: int,
     kernel_numel: int = 1,
+    batch_size: int = 1,
+    is_conv: bool = False,
+    device_type: str = "cpu",
     training: bool = False,
 ) -> ExecutionPath:
     """The path one adapter of one layer takes for one call.
@@ -73,7 +88,10 @@ def choose_execution_path(
             ``"sample"``, all tokens of the call for ``"static"``.
         in_features: ``d_in``.
         out_features: ``d_out``.
-        kernel_numel: Positions of the base kernel.
+        kernel_numel: Positions of the base kernel (``kh * kw``).
+        batch_size: Samples in the call.
+        is_conv: Whether the layer is a convolution: per-sample gates then merge only for one sample.
+        device_type: ``torch.device.type`` of the layer (``"cpu"``, ``"cuda"``, ...).
         training: Whether the layer is in ``train()`` mode or gradients are being recorded: then ``"auto"`` picks
             ``"dense"`` (a reentrant activation checkpoint recomputes under gradients what ran without, so the
             paths of both passes must agree).
@@ -88,14 +106,42 @@ def choose_execution_path(
         >>> choose_execution_path("auto", level="sample", tokens_per_gate_set=64, in_features=1280,
         ...                       out_features=1280)
         'gather'
+        >>> choose_execution_path("auto", level="sample", tokens_per_gate_set=4096, in_features=320,
+        ...                       out_features=320, device_type="cuda")
+        'dense'
     """
     if requested != "auto":
         return requested  # type: ignore[return-value]
-    if level == "token" or training:
+    if level == "token" or training or device_type != "cpu":
         return "dense"
-    if tokens_per_gate_set > break_even_tokens(in_features, out_features, kernel_numel):
+    if merge_pays_off(tokens_per_gate_set, in_features, out_features, kernel_numel) and (
+        not is_conv or batch_size == 1 or level == "static"
+    ):
         return "merge"
     return "gather" if level == "sample" else "dense"
+
+
+def merge_pays_off(tokens: int, in_features: int, out_features: int, kernel_numel: int = 1) -> bool:
+    """Whether ``tokens`` per gate set are above the break-even and at least the merged weight's fan-in.
+
+    Args:
+        tokens: Tokens (output positions) sharing one gate set.
+        in_features: ``d_in``.
+        out_features: ``d_out``.
+        kernel_numel: Positions of the base kernel.
+
+    Returns:
+        ``tokens > n*`` (:func:`break_even_tokens`) and ``tokens >= d_in * kernel_numel`` (the merged weight is no
+        larger than the output it produces).
+
+    Example:
+        >>> merge_pays_off(200, 320, 320)  # above n* = 160, but a 320 x 320 weight is larger than 200 x 320
+        False
+        >>> merge_pays_off(4096, 320, 320, kernel_numel=9)
+        True
+    """
+    fan_in = in_features * kernel_numel
+    return tokens > break_even_tokens(in_features, out_features, kernel_numel) and tokens >= fan_in
 
 
 def kernel_positions(kernel_size: tuple[int, ...]) -> int:

@@ -291,6 +291,9 @@ class RankMoELayer(StaticAdapterMixin, BaseTunerLayer):
             in_features=self.in_features,
             out_features=self.out_features,
             kernel_numel=kernel_positions(self.spec.kernel_size),
+            batch_size=gates.batch_size,
+            is_conv=self.spec.kind == "conv",
+            device_type=x.device.type,
             training=self.training or torch.is_grad_enabled(),
         )
         if path == "merge" and dropout_active:

@@ -39,9 +39,11 @@ def _rows(matrix: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return matrix.index_select(0, index.reshape(-1)).view(*index.shape, *matrix.shape[1:])
 
 
-def _bmm_accumulate(result: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """``result + left @ right`` in one ``baddbmm`` (``result`` reshaped to ``(b, m, p)`` and back)."""
-    out = torch.baddbmm(result.reshape(left.shape[0], left.shape[1], right.shape[2]), left, right)
+def _bmm_accumulate(
+    result: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
+    """``result + alpha * left @ right`` in one ``baddbmm`` (``result`` reshaped to ``(b, m, p)`` and back)."""
+    out = torch.baddbmm(result.reshape(left.shape[0], left.shape[1], right.shape[2]), left, right, alpha=alpha)
     return out.view(result.shape)
 
 
@@ -168,8 +170,9 @@ def dense_conv(
     elif level == "sample":
         hidden = hidden * gates.reshape(*gates.shape, *([1] * (hidden.dim() - 2)))
         left = matrix_b.unsqueeze(0).expand(batch, -1, -1)
-    elif level == "static":
-        left = (matrix_b * gates).unsqueeze(0).expand(batch, -1, -1)
+    elif level == "static":  # the scaling as baddbmm's alpha: autograd keeps no scaled copy of B
+        return _bmm_accumulate(result, matrix_b.unsqueeze(0).expand(batch, -1, -1), hidden.reshape(batch, rank, -1),
+                               alpha=gates)
     else:
         hidden = hidden * gates
         left = matrix_b.unsqueeze(0).expand(batch, -1, -1)

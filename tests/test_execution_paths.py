@@ -207,20 +207,25 @@ def test_break_even_formula() -> None:
 @given(
     d_in=st.integers(1, 2048), d_out=st.integers(1, 2048), kernel=st.sampled_from([1, 3, 9]),
     tokens=st.integers(1, 10_000), level=st.sampled_from(["sample", "static", "token"]), training=st.booleans(),
+    batch=st.integers(1, 4), is_conv=st.booleans(), device=st.sampled_from(["cpu", "cuda"]),
 )
-def test_auto_choice_follows_break_even_rule(d_in, d_out, kernel, tokens, level, training) -> None:
+def test_auto_choice_follows_break_even_rule(d_in, d_out, kernel, tokens, level, training, batch, is_conv,
+                                             device) -> None:
     path = choose_execution_path("auto", level=level, tokens_per_gate_set=tokens, in_features=d_in,
-                                 out_features=d_out, kernel_numel=kernel, training=training)
-    threshold = d_in * kernel * d_out / (d_in * kernel + d_out)
-    if training or level == "token":
+                                 out_features=d_out, kernel_numel=kernel, batch_size=batch, is_conv=is_conv,
+                                 device_type=device, training=training)
+    threshold = d_in * kernel * d_out / (d_in * kernel + d_out)   # n*, computed independently
+    if training or level == "token" or device != "cpu":
         assert path == "dense"
-    elif tokens > threshold:
+    elif tokens > threshold and tokens >= d_in * kernel and (not is_conv or batch == 1 or level == "static"):
         assert path == "merge"
     else:
         assert path == ("gather" if level == "sample" else "dense")
+    if path == "merge":
+        assert tokens > threshold  # never merged below the break-even
     for forced in PATHS:
         assert choose_execution_path(forced, level=level, tokens_per_gate_set=tokens, in_features=d_in,
-                                     out_features=d_out, training=training) == forced
+                                     out_features=d_out, training=training, device_type=device) == forced
 
 
 def auto_path(model, layer, x, cond=None, grad=False) -> str:
@@ -231,23 +236,25 @@ def auto_path(model, layer, x, cond=None, grad=False) -> str:
 
 def test_layer_dispatch_at_the_break_even() -> None:
     layout = SlotLayout(r=6, num_shared_ranks=2, top_k=2, num_zero_experts=1)
-    model, layer = build(nn.Linear(16, 16), layout)  # n* = 8 tokens per sample
+    model, layer = build(nn.Linear(16, 16), layout)  # n* = 8 tokens per sample; the merged weight needs >= 16
     model.eval()
-    assert auto_path(model, layer, torch.randn(2, 9, 16)) == "merge"
+    assert auto_path(model, layer, torch.randn(2, 16, 16)) == "merge"
+    assert auto_path(model, layer, torch.randn(2, 15, 16)) == "gather"  # above n*, but W' larger than the output
     assert auto_path(model, layer, torch.randn(2, 8, 16)) == "gather"
-    assert auto_path(model, layer, torch.randn(2, 9, 16), grad=True) == "dense"  # gradients: dense
+    assert auto_path(model, layer, torch.randn(2, 16, 16), grad=True) == "dense"  # gradients: dense
     model.train()
-    assert auto_path(model, layer, torch.randn(2, 9, 16)) == "dense"  # train() mode: dense
-    conv_model, conv = build(nn.Conv2d(4, 4, 3, padding=1), layout)  # n* = 36 * 4 / 40 = 3.6 positions
+    assert auto_path(model, layer, torch.randn(2, 16, 16)) == "dense"  # train() mode: dense
+    conv_model, conv = build(nn.Conv2d(4, 4, 3, padding=1), layout)  # n* = 3.6 positions, fan-in 36
     conv_model.eval()
-    assert auto_path(conv_model, conv, torch.randn(2, 4, 2, 2)) == "merge"
-    assert auto_path(conv_model, conv, torch.randn(2, 4, 1, 3)) == "gather"
+    assert auto_path(conv_model, conv, torch.randn(1, 4, 6, 6)) == "merge"
+    assert auto_path(conv_model, conv, torch.randn(1, 4, 5, 7)) == "gather"
+    assert auto_path(conv_model, conv, torch.randn(2, 4, 6, 6)) == "gather"  # batched convolutions never merge
     static_model, static = build(nn.Linear(16, 16), SlotLayout(r=4, num_shared_ranks=4), router="linear")
     static_model.eval()
     with torch.no_grad():  # static gates: all tokens of the call share one merged weight
-        static_model(torch.randn(3, 3, 16))
+        static_model(torch.randn(4, 4, 16))
         assert static.last_execution_paths["default"] == "merge"
-        static_model(torch.randn(2, 4, 16))
+        static_model(torch.randn(3, 5, 16))
         assert static.last_execution_paths["default"] == "dense"
     token_model, token = build(nn.Linear(16, 16), layout, router="linear")
     token_model.eval()
