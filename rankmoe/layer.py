@@ -186,7 +186,7 @@ class RankMoELayer(StaticAdapterMixin, BaseTunerLayer):
         return state
 
     def _route(self, adapter: str, x: torch.Tensor, state: ConditionState | None) -> AdapterGates:
-        """Route ``x`` for ``adapter``: its gates (scaling folded in) and, per sample, the selection."""
+        """Route ``x`` for ``adapter``: its rank gates and, per sample, the selection (reused when allowed)."""
         layout = self.slot_layout[adapter]
         scaling = self.scaling[adapter]
         batch_size = self._batch_size(x)
