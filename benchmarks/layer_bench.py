@@ -723,11 +723,21 @@ def target_lines(measurements: list[Measurement], summary: dict[str, dict[str, d
             f"- inference, per-sample routing, automatic path: geometric mean {auto['geomean_ratio_base']:.2f}× base,"
             f" {auto['geomean_ratio_lora']:.2f}× PEFT LoRA(R) (targets on the `paper` preset, CPU: ≤ 1.05 and ≤ 0.8)"
         )
+    groups = {
+        "per-sample routing and all-shared, automatic path": ("rankmoe_shared", "rankmoe_pooled", "rankmoe_condition"),
+        "per-token routing (router logits, probabilities and per-token gates kept)": ("rankmoe_token",),
+        "merge forced in training (a merged weight per sample kept; auto never merges in training)": (
+            "rankmoe_condition_merge",
+        ),
+    }
     for attr, label in (("saved_ratio_lora", "saved for backward"), ("peak_ratio_lora", "peak memory")):
-        values = [(getattr(m, attr), m) for m in routed if getattr(m, attr) is not None]
-        if values:
-            ratio, row = max(values, key=lambda item: item[0])
-            lines.append(f"- {label}: at most {ratio:.3f}× PEFT LoRA(R) ({row.variant}, {row.shape}, {row.mode})")
+        for group, names in groups.items():
+            values = [(getattr(m, attr), m) for m in routed if m.variant in names and getattr(m, attr) is not None]
+            if values:
+                ratio, row = max(values, key=lambda item: item[0])
+                lines.append(
+                    f"- {label}, {group}: at most {ratio:.2f}× PEFT LoRA(R) ({row.variant}, {row.shape}, {row.mode})"
+                )
     return lines
 
 
