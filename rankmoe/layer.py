@@ -16,17 +16,17 @@ from torch import nn
 from rankmoe.config import RankMoEConfig
 from rankmoe.dispatch import AdapterGates, ExecutionPath, choose_execution_path, kernel_positions
 from rankmoe.layer_merge import StaticAdapterMixin, is_transformers_conv1d
+from rankmoe.layer_routing import RoutingMixin
 from rankmoe.losses.modules import BalanceSettings
 from rankmoe.paths import dense_conv, dense_linear, gather_conv, gather_linear, merged_conv, merged_linear
 from rankmoe.records import ConditionState, RoutingRecord
-from rankmoe.routers.base import LayerSpec, RoutingInputs, SlotLayout
+from rankmoe.routers.base import LayerSpec, SlotLayout
 from rankmoe.routers.registry import get_router_class
-from rankmoe.routers.selection import select_top_k
 
 SUPPORTED_LAYER_TYPES = ("torch.nn.Linear", "torch.nn.Conv1d", "torch.nn.Conv2d", "transformers.pytorch_utils.Conv1D")
 
 
-class RankMoELayer(StaticAdapterMixin, BaseTunerLayer):
+class RankMoELayer(RoutingMixin, StaticAdapterMixin, BaseTunerLayer):
     """Mixin holding the RankMoE adapters of one base layer (PEFT's ``BaseTunerLayer`` contract).
 
     Per adapter it owns ``rankmoe_A`` ``(r, d_in[, *kernel])``, ``rankmoe_B`` ``(d_out, r[, 1, ...])`` and, when
@@ -143,133 +143,6 @@ class RankMoELayer(StaticAdapterMixin, BaseTunerLayer):
         if adapter_name in self.rankmoe_router:
             self.rankmoe_router[adapter_name].reset_parameters(init_weights)
 
-    # ------------------------------------------------------------------ routing
-    def _batch_size(self, x: torch.Tensor) -> int:
-        unbatched_dim = 1 if self.spec.kind == "linear" else self.spec.conv_dim + 1
-        return 1 if x.dim() <= unbatched_dim else int(x.shape[0])
-
-    def _resolve_condition(self) -> ConditionState | None:
-        """The condition to route with.
-
-        A forward with gradients remembers its condition, so an activation-checkpoint recomputation during
-        ``backward()`` replays exactly that condition, even after the ``with rankmoe.condition(...)`` block exited or
-        inside another one. The replay is refused when it would be ambiguous (several gradient-enabled forwards with
-        different conditions before one backward); an evaluation forward (no gradients, ``eval()`` mode) in between
-        forgets the remembered condition, and the active condition, if any, is used.
-        """
-        state = self._rankmoe_condition
-        if torch.compiler.is_compiling():
-            return state
-        stash = self._rankmoe_stash
-        if torch._C._current_graph_task_id() != -1:  # inside backward: activation-checkpoint recomputation
-            if stash is not None and not self._rankmoe_stash_ambiguous:
-                self._rankmoe_stash_consumed = True
-                return stash
-            if self._rankmoe_stash_ambiguous:
-                raise RuntimeError(
-                    "activation checkpointing recomputes a RankMoE layer, but several forwards with gradients and "
-                    "different conditions ran before this backward, so the condition to replay is ambiguous; run "
-                    "one backward per conditioned training forward, and run evaluation forwards in eval() mode "
-                    "under torch.no_grad()"
-                )
-            return state
-        if state is None or state is stash:
-            return state
-        if torch.is_grad_enabled() or self.training:  # may be replayed (reentrant checkpointing runs under no_grad)
-            self._rankmoe_stash_ambiguous = stash is not None and not self._rankmoe_stash_consumed
-            self._rankmoe_stash = state
-            self._rankmoe_stash_consumed = False
-        else:
-            # an evaluation forward is never replayed; the remembered condition may no longer be the last
-            self._rankmoe_stash = None
-            self._rankmoe_stash_ambiguous = False
-        return state
-
-    def _route(self, adapter: str, x: torch.Tensor, state: ConditionState | None) -> AdapterGates:
-        """Route ``x`` for ``adapter``: its rank gates and, per sample, the selection (reused when allowed)."""
-        layout = self.slot_layout[adapter]
-        scaling = self.scaling[adapter]
-        batch_size = self._batch_size(x)
-        if not layout.is_routed:
-            return AdapterGates(adapter, "static", None, batch_size, scaling)
-        router = self.rankmoe_router[adapter]
-        if router.requires_condition and (state is None or state.condition is None):
-            raise ValueError(
-                f"router {self.router_name[adapter]!r} of adapter {adapter!r} needs a per-sample condition but none "
-                "is set; wrap the call in `with rankmoe.condition(model, cond): ...` or call "
-                "rankmoe.set_condition(model, cond)"
-            )
-        key = self._routing_cache_key(adapter, router, state, batch_size)
-        cached = self._rankmoe_routing_cache.get(adapter)
-        if key is not None and cached is not None and cached[0] == key and cached[1] is state.condition:
-            self._rankmoe_records[adapter] = cached[2]
-            return cached[3]
-        original = state
-        if state is not None and state.batch_size != batch_size:
-            grown = state.expanded(batch_size)
-            if grown is None:
-                raise ValueError(
-                    f"the condition set with rankmoe.condition has batch size {state.batch_size}, but layer input "
-                    f"{tuple(x.shape)} has batch size {batch_size}; pass one condition row per sample, or "
-                    "repeat='tile' (classifier-free guidance) / repeat='interleave' (several images per prompt) "
-                    "when the model sees a multiple of the condition's batch"
-                )
-            state = grown
-        inputs = RoutingInputs(
-            x=x,
-            batch_size=batch_size,
-            condition=None if state is None else state.condition,
-            severity=None if state is None else state.severity,
-        )
-        logits = router(inputs)
-        routing = select_top_k(logits, layout, router.selection_bias)
-        record = RoutingRecord(
-            layout=layout,
-            level=router.level,
-            logits=logits,
-            probs=routing.probs,
-            top_indices=routing.top_indices,
-            slot_gates=routing.slot_gates,
-            batch_size=batch_size,
-            severity=inputs.severity,
-        )
-        self._rankmoe_records[adapter] = record
-        gates = routing.rank_gates
-        if router.level == "token":
-            if self.spec.kind == "conv":
-                gates = gates.movedim(-1, 1)
-            return AdapterGates(adapter, "token", gates, batch_size, scaling)
-        result = AdapterGates(adapter, "sample", gates.reshape(batch_size, layout.r), batch_size, scaling, routing)
-        if key is not None:  # hold the condition itself, so its id cannot be reused by another tensor
-            self._rankmoe_routing_cache[adapter] = (key, original.condition, record, result)
-        else:
-            self._rankmoe_routing_cache.pop(adapter, None)
-        return result
-
-    def _routing_cache_key(
-        self, adapter: str, router: nn.Module, state: ConditionState | None, batch_size: int
-    ) -> tuple[Any, ...] | None:
-        """Key under which a routing may be reused, or ``None`` when it must be computed.
-
-        Only at inference (``eval()``, no gradients, not compiling, not capturing a CUDA graph: a replayed graph
-        must contain the routing), for per-sample routers whose logits do not read
-        the layer input, under a condition tensor: then the routing depends only on that tensor's identity and
-        version, the router's parameters and buffers (their storage and version, which changes with every in-place
-        update such as an optimizer step or ``load_state_dict``), the batch size and the scaling.
-        """
-        if (
-            router.reads_input or router.level != "sample" or state is None or state.condition is None
-            or self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-        ):
-            return None
-        versions = tuple((t.data_ptr(), t._version) for t in (*router.parameters(), *router.buffers()))
-        severity = state.severity
-        return (
-            id(state.condition), state.condition._version, None if severity is None else id(severity),
-            None if severity is None else severity._version, state.repeat, batch_size, self.scaling[adapter], versions,
-        )
-
     def _tokens_per_gate_set(self, x: torch.Tensor, gates: AdapterGates) -> int:
         """Tokens (output positions for convolutions) that share one gate set in this call."""
         if self.spec.kind == "conv":
@@ -365,6 +238,17 @@ class RankMoELayer(StaticAdapterMixin, BaseTunerLayer):
         x_in = self.rankmoe_dropout[adapter](self._cast_input_dtype(x, lora_a.dtype))
         return result.to(dtype), x_in.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
 
+    def _merge_inputs(
+        self, gates: AdapterGates
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | float]:
+        """``(A, B, rank_index, rank_gates)`` of the merged path, in float32 or the adapter's wider dtype."""
+        lora_a, lora_b = self.rankmoe_A[gates.adapter], self.rankmoe_B[gates.adapter]
+        compute = torch.promote_types(lora_a.dtype, torch.float32)
+        if gates.level == "static":
+            return lora_a.to(compute), lora_b.to(compute), None, gates.scaling
+        index, rank_gates = gates.gathered(self.slot_layout[gates.adapter], compute)
+        return lora_a.to(compute), lora_b.to(compute), index, rank_gates
+
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
     ) -> torch.Tensor:
@@ -409,14 +293,8 @@ class Linear(nn.Module, RankMoELayer):
     def _merged_forward(self, x: torch.Tensor, gates: AdapterGates) -> torch.Tensor:
         base = self.get_base_layer()
         weight = base.weight.T if is_transformers_conv1d(base) else base.weight
-        lora_a, lora_b = self.rankmoe_A[gates.adapter], self.rankmoe_B[gates.adapter]
-        compute = torch.promote_types(lora_a.dtype, torch.float32)
-        if gates.level == "static":
-            index, rank_gates = None, gates.scaling
-        else:
-            index, rank_gates = gates.gathered(self.slot_layout[gates.adapter], compute)
         x = self._cast_input_dtype(x, weight.dtype)
-        return merged_linear(x, weight, base.bias, lora_a.to(compute), lora_b.to(compute), index, rank_gates)
+        return merged_linear(x, weight, base.bias, *self._merge_inputs(gates))
 
 
 class Conv(nn.Module, RankMoELayer):
@@ -468,15 +346,8 @@ class Conv(nn.Module, RankMoELayer):
     def _merged_forward(self, x: torch.Tensor, gates: AdapterGates) -> torch.Tensor:
         unbatched = x.dim() == self.spec.conv_dim + 1
         base = self.get_base_layer()
-        lora_a, lora_b = self.rankmoe_A[gates.adapter], self.rankmoe_B[gates.adapter]
-        compute = torch.promote_types(lora_a.dtype, torch.float32)
-        if gates.level == "static":
-            index, rank_gates = None, gates.scaling
-        else:
-            index, rank_gates = gates.gathered(self.slot_layout[gates.adapter], compute)
         x, padding = self._conv_geometry(self._cast_input_dtype(x.unsqueeze(0) if unbatched else x, base.weight.dtype))
-        out = merged_conv(x, base.weight, base.bias, lora_a.to(compute), lora_b.to(compute), index, rank_gates,
-                          base.stride, padding, base.dilation)
+        out = merged_conv(x, base.weight, base.bias, *self._merge_inputs(gates), base.stride, padding, base.dilation)
         return out.squeeze(0) if unbatched else out
 
 
