@@ -34,7 +34,7 @@ from typing import Any
 
 import peft
 import torch
-from bench_common import device_name
+from bench_common import Wrapper, device_name, peak_memory_mib
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -78,18 +78,6 @@ GPU_SHAPES = (  # the paper set first, so that a budget stop keeps it complete
 )
 CPU_SHAPES = (Shape("linear32", "linear", 1, 64, 32, True), Shape("conv8", "conv", 1, 8, 8, True))
 DEFAULT_COMPILE_GPU = "linear320,conv320"
-
-
-class Wrapper(nn.Module):
-    """Holds the benchmarked layer as ``self.layer`` (the PEFT target)."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(b, n, d) -> (b, n, d)`` (linear) or ``(b, c, h, w) -> (b, c, h, w)`` (conv)."""
-        return self.layer(x)
 
 
 class CheckError(RuntimeError):
@@ -269,18 +257,6 @@ def make_timer(device: torch.device) -> tuple[Timer, str]:
     return loop, f"{'CUDA events' if cuda else 'wall clock'}, median of {number} calls after {warmup}"
 
 
-def peak_mib(fn: Callable[[], None], device: torch.device) -> float | None:
-    """Peak CUDA memory one call allocates on top of what was allocated before it (MiB); ``None`` off CUDA."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
 def capture(fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
     """Warm ``fn`` up 3 times on a side stream, then capture one call into a CUDA graph."""
     stream = torch.cuda.Stream()
@@ -318,7 +294,7 @@ def measure(row: Row, model: nn.Module, compiled: nn.Module | None, inputs: tupl
     reroute = row.variant.endswith("_rerouted")
     call = make_call(model, *inputs, row.mode, reroute)
     row.eager_ms = timer(call)
-    row.peak_mib = peak_mib(call, inputs[0].device)
+    row.peak_mib = peak_memory_mib(call, inputs[0].device)
     if inputs[0].device.type == "cuda":
         try:
             graph = capture(call)

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import peft
 import torch
-from bench_common import device_name, synchronizer
+from bench_common import Wrapper, device_name, peak_memory_mib, synchronizer
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
@@ -154,18 +154,6 @@ def make_input(shape: LayerShape, device: torch.device, dtype: torch.dtype) -> t
 
 
 # ---------------------------------------------------------------------------------------------------- variants
-class Wrapper(nn.Module):
-    """Holds the benchmarked layer under the name ``layer`` (the PEFT target)."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the layer."""
-        return self.layer(x)
-
-
 @dataclass(frozen=True)
 class Variant:
     """One way of running the layer.
@@ -364,18 +352,6 @@ def calls_per_sample(fn: Callable[[], None], sync: Callable[[], None], min_sampl
     if min_sample_s <= 0:
         return 1
     return max(1, math.ceil(min_sample_s / max(time_per_call(fn, 1, sync), 1e-9)))
-
-
-def peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float | None:
-    """Peak CUDA memory one call allocates on top of what was allocated before it (MiB); ``None`` off CUDA."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 @dataclass

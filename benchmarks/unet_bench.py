@@ -42,7 +42,7 @@ from typing import Any
 import diffusers
 import peft
 import torch
-from bench_common import device_name, synchronizer
+from bench_common import device_name, peak_memory_mib, synchronizer
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 from rankmoe.integrations.diffusers import add_rankmoe, unet_target_modules
@@ -185,18 +185,6 @@ def make_train_step(model: nn.Module, inputs: Inputs) -> Callable[[], None]:
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
-def peak_memory_mib(fn: Callable[[], None], device: torch.device) -> float | None:
-    """Peak CUDA memory of one call above the memory allocated before it (MiB); ``None`` off CUDA."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-
-
 def saved_for_backward_mib(model: nn.Module, inputs: Inputs) -> dict[str, float]:
     """MiB of the unique storages autograd saves during one training forward (no backward is run).
 
