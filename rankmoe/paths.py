@@ -7,9 +7,9 @@ Every path computes ``y = W x + bias + B (g * (A x))`` with the gate ``g`` (scal
 shapes, so one compiled graph serves every routing:
 
 * **dense-masked** (:func:`dense_linear`, :func:`dense_conv`): all ``r`` ranks are computed and the gate multiplies
-  the r-wide intermediate. Per-sample gates are folded into a per-sample copy of ``B`` (``(b, d_out, r)``) when a
-  sample has at least ``d_out`` tokens, so autograd keeps that small copy instead of a second ``(b, n, r)``
-  tensor. The update is accumulated into the base output by one ``addmm`` / ``baddbmm``.
+  the r-wide intermediate; the update is accumulated into the base output by one ``addmm`` / ``baddbmm``
+  (:func:`~rankmoe.gated_update.gated_update`, whose backward keeps the intermediate and the gates only, as much
+  as a LoRA keeps).
 * **fixed-k gather** (:func:`gather_linear`, :func:`gather_conv`): per sample, the ``k`` active ranks' rows of
   ``A`` and columns of ``B`` are gathered (``k`` static; a selected zero slot points at rank 0 with gate 0), then
   one batched matmul (or grouped convolution) and one ``baddbmm`` into the base output.
@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from rankmoe.gated_update import gated_update
 
 Padding = Sequence[int] | str
 
@@ -68,17 +70,14 @@ def dense_linear(
     """
     hidden = F.linear(x, lora_a)
     rank = lora_a.shape[0]
-    if level == "sample":
-        batch = gates.shape[0]
-        hidden = hidden.reshape(batch, -1, rank)
-        if hidden.shape[1] >= lora_b.shape[0]:  # fold the gates into a per-sample B: keeps less for backward
-            return _bmm_accumulate(result, hidden, lora_b.t().unsqueeze(0) * gates.unsqueeze(-1))
-        return _bmm_accumulate(result, hidden * gates.unsqueeze(1), lora_b.t().unsqueeze(0).expand(batch, -1, -1))
     if level == "static":
         flat = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, rank), lora_b.t(), alpha=gates)
         return flat.view(result.shape)
-    flat_hidden = (hidden * gates).reshape(-1, rank)
-    return torch.addmm(result.reshape(-1, result.shape[-1]), flat_hidden, lora_b.t()).view(result.shape)
+    if level == "sample":
+        batch = gates.shape[0]
+        rows = result.reshape(batch, -1, result.shape[-1])
+        return gated_update(rows, hidden.reshape(batch, -1, rank), lora_b, gates.unsqueeze(1)).view(result.shape)
+    return gated_update(result, hidden, lora_b, gates)
 
 
 def gather_linear(
@@ -165,18 +164,12 @@ def dense_conv(
     hidden = _conv(lora_a.dim() - 2)(x, lora_a, None, stride, padding, dilation)  # (b, r, *spatial_out)
     batch, rank = hidden.shape[:2]
     matrix_b = lora_b.reshape(lora_b.shape[0], rank)
-    if level == "sample" and hidden[0, 0].numel() >= matrix_b.shape[0]:
-        left = matrix_b.unsqueeze(0) * gates.unsqueeze(1)  # (b, d_out, r): gates folded into a per-sample B
-    elif level == "sample":
-        hidden = hidden * gates.reshape(*gates.shape, *([1] * (hidden.dim() - 2)))
-        left = matrix_b.unsqueeze(0).expand(batch, -1, -1)
-    elif level == "static":  # the scaling as baddbmm's alpha: autograd keeps no scaled copy of B
-        return _bmm_accumulate(result, matrix_b.unsqueeze(0).expand(batch, -1, -1), hidden.reshape(batch, rank, -1),
-                               alpha=gates)
-    else:
-        hidden = hidden * gates
-        left = matrix_b.unsqueeze(0).expand(batch, -1, -1)
-    return _bmm_accumulate(result, left, hidden.reshape(batch, rank, -1))
+    flat_hidden = hidden.reshape(batch, rank, -1)
+    if level == "static":  # the scaling as baddbmm's alpha: autograd keeps no scaled copy of B
+        return _bmm_accumulate(result, matrix_b.unsqueeze(0).expand(batch, -1, -1), flat_hidden, alpha=gates)
+    flat_gates = gates.reshape(batch, rank, 1) if level == "sample" else gates.reshape(batch, rank, -1)
+    flat_result = result.reshape(batch, matrix_b.shape[0], -1)
+    return gated_update(flat_result, flat_hidden, matrix_b, flat_gates, channels_first=True).view(result.shape)
 
 
 def _grouped_input(x: torch.Tensor) -> torch.Tensor:
