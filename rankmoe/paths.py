@@ -76,7 +76,7 @@ def dense_linear(
     if level == "sample":
         batch = gates.shape[0]
         rows = result.reshape(batch, -1, result.shape[-1])
-        return gated_update(rows, hidden.reshape(batch, -1, rank), lora_b, gates.unsqueeze(1)).view(result.shape)
+        return gated_update(rows, hidden.reshape(batch, -1, rank), lora_b, gates).view(result.shape)
     return gated_update(result, hidden, lora_b, gates)
 
 
@@ -167,7 +167,7 @@ def dense_conv(
     flat_hidden = hidden.reshape(batch, rank, -1)
     if level == "static":  # the scaling as baddbmm's alpha: autograd keeps no scaled copy of B
         return _bmm_accumulate(result, matrix_b.unsqueeze(0).expand(batch, -1, -1), flat_hidden, alpha=gates)
-    flat_gates = gates.reshape(batch, rank, 1) if level == "sample" else gates.reshape(batch, rank, -1)
+    flat_gates = gates if level == "sample" else gates.reshape(batch, rank, -1)
     flat_result = result.reshape(batch, matrix_b.shape[0], -1)
     return gated_update(flat_result, flat_hidden, matrix_b, flat_gates, channels_first=True).view(result.shape)
 

@@ -13,6 +13,8 @@ from rankmoe.gated_update import gated_update
 
 def _reference(result, hidden, matrix_b, gates, channels_first):
     """The plain graph: ``result + B (g * h)`` with autograd's own backward."""
+    if gates.shape != hidden.shape:  # per sample (b, r)
+        gates = gates.unsqueeze(-1) if channels_first else gates.unsqueeze(1)
     if channels_first:
         return result + torch.einsum("or,brn->bon", matrix_b, hidden * gates)
     return result + (hidden * gates) @ matrix_b.t()
@@ -26,10 +28,10 @@ def _inputs(batch, tokens, rank, out, per_token, channels_first, dtype=torch.flo
 
     if channels_first:
         hidden, result = rand(batch, rank, tokens), rand(batch, out, tokens)
-        gates = rand(batch, rank, tokens) if per_token else rand(batch, rank, 1)
+        gates = rand(batch, rank, tokens) if per_token else rand(batch, rank)
     else:
         hidden, result = rand(batch, tokens, rank), rand(batch, tokens, out)
-        gates = rand(batch, tokens, rank) if per_token else rand(batch, 1, rank)
+        gates = rand(batch, tokens, rank) if per_token else rand(batch, rank)
     return result, hidden, rand(out, rank), gates
 
 
@@ -84,6 +86,7 @@ def _saved_bytes(fn) -> int:
 @pytest.mark.parametrize("channels_first", [False, True])
 def test_keeps_hidden_gates_and_b_only(channels_first) -> None:
     """The plain graph keeps ``h``, ``g``, ``g * h`` and ``B``; ours drops the ``(b, n, r)`` product."""
+    # per-sample gates: the plain graph of the folded form keeps a gated copy of B instead, (b, o, r)
     batch, tokens, rank, out = 2, 64, 8, 16
     inputs = _inputs(batch, tokens, rank, out, per_token=False, channels_first=channels_first, dtype=torch.float32)
     hidden_bytes = batch * tokens * rank * 4
@@ -128,3 +131,9 @@ def test_backward_under_autocast_matches_plain_autograd(channels_first) -> None:
     for tensor, got, want in zip(inputs, grads, expected_grads, strict=True):
         assert got.dtype == tensor.dtype
         torch.testing.assert_close(got, want.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_gates_of_another_shape_are_refused() -> None:
+    result, hidden, matrix_b, _ = _inputs(1, 4, 3, 5, per_token=False, channels_first=False)
+    with pytest.raises(ValueError, match=r"gates of shape \(1, 1, 3\) fit neither hidden \(1, 4, 3\)"):
+        gated_update(result, hidden, matrix_b, torch.ones(1, 1, 3))
