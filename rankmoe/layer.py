@@ -168,6 +168,8 @@ class RankMoELayer(RoutingMixin, StaticAdapterMixin, BaseTunerLayer):
             is_conv=self.spec.kind == "conv",
             device_type=x.device.type,
             training=self.training or torch.is_grad_enabled(),
+            rank=self.r[adapter],
+            gathered_rank=self.slot_layout[adapter].gathered_rank,
         )
         if path == "merge" and dropout_active:
             raise ValueError(

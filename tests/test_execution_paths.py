@@ -208,15 +208,23 @@ def test_break_even_formula() -> None:
     d_in=st.integers(1, 2048), d_out=st.integers(1, 2048), kernel=st.sampled_from([1, 3, 9]),
     tokens=st.integers(1, 10_000), level=st.sampled_from(["sample", "static", "token"]), training=st.booleans(),
     batch=st.integers(1, 4), is_conv=st.booleans(), device=st.sampled_from(["cpu", "cuda"]),
+    ranks=st.one_of(st.none(), st.tuples(st.integers(1, 64), st.integers(1, 64))),
 )
 def test_auto_choice_follows_break_even_rule(d_in, d_out, kernel, tokens, level, training, batch, is_conv,
-                                             device) -> None:
+                                             device, ranks) -> None:
+    rank, gathered = (None, None) if ranks is None else (max(ranks), min(ranks))
     path = choose_execution_path("auto", level=level, tokens_per_gate_set=tokens, in_features=d_in,
                                  out_features=d_out, kernel_numel=kernel, batch_size=batch, is_conv=is_conv,
-                                 device_type=device, training=training)
+                                 device_type=device, training=training, rank=rank, gathered_rank=gathered)
     threshold = d_in * kernel * d_out / (d_in * kernel + d_out)   # n*, computed independently
-    if training or level == "token" or device != "cpu":
+    if level == "token" or device != "cpu":
         assert path == "dense"
+    elif training:
+        # floats kept for backward per sample: dense (n, r); gather (n, k) + A rows (k, d_in kernel) + 2 x (k, d_out)
+        gather_keeps_less = ranks is not None and tokens * gathered + gathered * (d_in * kernel + 2 * d_out) <= (
+            tokens * rank
+        )
+        assert path == ("gather" if level == "sample" and gather_keeps_less else "dense")
     elif tokens > threshold and tokens >= d_in * kernel and (not is_conv or batch == 1 or level == "static"):
         assert path == "merge"
     else:
@@ -244,6 +252,9 @@ def test_layer_dispatch_at_the_break_even() -> None:
     assert auto_path(model, layer, torch.randn(2, 16, 16), grad=True) == "dense"  # gradients: dense
     model.train()
     assert auto_path(model, layer, torch.randn(2, 16, 16)) == "dense"  # train() mode: dense
+    # training gathers where that keeps less than dense: n (6 - 4) >= 4 (16 + 2 * 16) from n = 96 tokens
+    assert auto_path(model, layer, torch.randn(2, 95, 16), grad=True) == "dense"
+    assert auto_path(model, layer, torch.randn(2, 96, 16), grad=True) == "gather"
     conv_model, conv = build(nn.Conv2d(4, 4, 3, padding=1), layout)  # n* = 3.6 positions, fan-in 36
     conv_model.eval()
     assert auto_path(conv_model, conv, torch.randn(1, 4, 6, 6)) == "merge"
@@ -261,6 +272,35 @@ def test_layer_dispatch_at_the_break_even() -> None:
     with torch.no_grad():
         token_model(torch.randn(2, 64, 16))
     assert token.last_execution_paths["default"] == "dense"
+
+
+def _saved_bytes_of_training_call(model, layer, x, cond, path) -> int:
+    layer.execution_path["default"] = path
+    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in owned:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rankmoe.condition(model, cond):
+        model(x.requires_grad_(True)).sum().backward()
+    assert layer.last_execution_paths["default"] == path
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize(("tokens", "gather_keeps_less"), [(300, True), (30, True), (12, False)])
+def test_training_gathers_exactly_where_that_keeps_less(tokens, gather_keeps_less) -> None:
+    """The memory model behind the training rule, against what autograd really saves (k = 4 of r = 12)."""
+    layout = SlotLayout(r=12, num_shared_ranks=2, top_k=2, num_zero_experts=1)
+    model, layer = build(nn.Linear(16, 16), layout)
+    x, cond = torch.randn(1, tokens, 16), torch.randn(1, CONDITION_DIM)
+    dense = _saved_bytes_of_training_call(model, layer, x, cond, "dense")
+    gather = _saved_bytes_of_training_call(model, layer, x, cond, "gather")
+    assert (gather < dense) == gather_keeps_less
+    layer.execution_path["default"] = "auto"
+    assert auto_path(model, layer, x, grad=True) == ("gather" if gather_keeps_less else "dense")
 
 
 def test_new_layers_take_the_mode_of_the_wrapped_layer() -> None:

@@ -56,6 +56,11 @@ class SlotLayout:
         return self.num_experts + self.num_zero_experts
 
     @property
+    def gathered_rank(self) -> int:
+        """Ranks a fixed-k gather reads per routing decision: ``num_shared_ranks + expert_rank * top_k``."""
+        return self.num_shared_ranks + self.expert_rank * self.top_k
+
+    @property
     def is_routed(self) -> bool:
         """Whether a router is needed at all (False when every rank is shared)."""
         return self.num_slots > 0
