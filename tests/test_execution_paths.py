@@ -186,6 +186,42 @@ def test_gradients_agree_across_paths(kind) -> None:
             assert rel_err(grads[path][name], grad) <= 1e-5, (path, name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_cuda_training_matches_cpu_on_every_path(kind) -> None:
+    """Outputs and gradients of every path on a GPU against the dense path on the CPU (float32, TF32 off)."""
+    layout = SlotLayout(r=10, num_shared_ranks=2, top_k=3, num_zero_experts=2)
+    base = nn.Linear(24, 20) if kind == "linear" else nn.Conv2d(6, 8, 3, padding=1)
+    model, layer = build(base, layout)
+    x = torch.randn(3, 40, 24) if kind == "linear" else torch.randn(3, 6, 9, 9)
+    cond = torch.randn(3, CONDITION_DIM)
+
+    def step(device, path):
+        model.to(device).zero_grad(set_to_none=True)
+        layer.execution_path["default"] = path
+        xi = x.to(device).requires_grad_()
+        with rankmoe.condition(model, cond.to(device)):
+            out = model(xi)
+            out.pow(2).sum().backward()
+        assert layer.last_execution_paths["default"] == path
+        grads = {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
+        return out.detach().cpu(), {**grads, "input": xi.grad.cpu()}
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        expected_out, expected = step("cpu", "dense")
+        for path in PATHS:
+            out, grads = step("cuda", path)
+            assert rel_err(out, expected_out) <= 1e-5, path
+            assert grads.keys() == expected.keys()
+            for name, grad in expected.items():
+                assert rel_err(grads[name], grad) <= 1e-4, (path, name)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        model.cpu()
+
+
 def test_unbatched_inputs() -> None:
     for base, x in ((nn.Linear(4, 3), torch.randn(4)), (nn.Conv2d(2, 3, 3, padding=1), torch.randn(2, 5, 5))):
         model, layer = build(base, SlotLayout(r=6, num_shared_ranks=2, top_k=2, num_zero_experts=1))

@@ -137,3 +137,22 @@ def test_gates_of_another_shape_are_refused() -> None:
     result, hidden, matrix_b, _ = _inputs(1, 4, 3, 5, per_token=False, channels_first=False)
     with pytest.raises(ValueError, match=r"gates of shape \(1, 1, 3\) fit neither hidden \(1, 4, 3\)"):
         gated_update(result, hidden, matrix_b, torch.ones(1, 1, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("channels_first", [False, True])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_cuda_under_bf16_autocast_matches_plain_autograd(channels_first, per_token) -> None:
+    inputs = [
+        t.detach().cuda().requires_grad_(True)
+        for t in _inputs(2, 64, 8, 32, per_token=per_token, channels_first=channels_first, dtype=torch.float32)
+    ]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours = gated_update(*inputs, channels_first=channels_first)
+        expected = _reference(*[t.to(torch.bfloat16) for t in inputs], channels_first)
+    grads = torch.autograd.grad(ours.float().sum(), inputs)
+    expected_grads = torch.autograd.grad(expected.float().sum(), inputs)
+    torch.testing.assert_close(ours.float(), expected.float(), rtol=3e-2, atol=3e-2)
+    for tensor, got, want in zip(inputs, grads, expected_grads, strict=True):
+        assert got.dtype == tensor.dtype and got.device == tensor.device
+        torch.testing.assert_close(got, want.float(), rtol=3e-2, atol=5e-2)
