@@ -7,10 +7,11 @@ A plain autograd graph of ``result + (h * g) @ B^T`` keeps both ``h`` (for the g
 copy of ``B`` instead keeps that ``(b, o, r)`` copy. :func:`gated_update` keeps ``h``, ``g`` and ``B`` only, so a
 routed adapter keeps as much activation memory as a LoRA of the same rank plus its gates:
 
-* per-sample gates ``(b, r)`` are folded into ``B`` (``(b, o, r)``, cheap); the backward forms
-  ``M_b = h_b^T dY_b`` once (the product a LoRA forms for ``B``'s gradient) and reads both ``B``'s and the
-  gates' gradients off it, with no ``(b, n, r)`` elementwise work;
-* per-token gates (shaped like ``h``) multiply ``h``; the backward recomputes ``g * h``.
+* per-sample gates ``(b, r)`` with at least ``o`` tokens per sample are folded into ``B`` (``(b, o, r)``, no
+  larger than ``h``); the backward forms ``M_b = h_b^T dY_b`` once (the product a LoRA forms for ``B``'s
+  gradient) and reads both ``B``'s and the gates' gradients off it, with no ``(b, n, r)`` elementwise work;
+* per-token gates (shaped like ``h``), and per-sample gates with fewer tokens, multiply ``h``; the backward
+  recomputes ``g * h``.
 
 The backward is built from differentiable ops, so it can itself be differentiated.
 """
@@ -29,10 +30,23 @@ def _sample_weight(matrix_b: torch.Tensor, gates: torch.Tensor, channels_first: 
     return matrix_b.t().unsqueeze(0) * gates.unsqueeze(-1)
 
 
+def _folds(hidden: torch.Tensor, matrix_b: torch.Tensor, channels_first: bool) -> bool:
+    """Whether per-sample gates go into a per-sample ``B`` (``(b, o, r)``, no larger than ``(b, n, r)``)."""
+    return hidden.shape[2 if channels_first else 1] >= matrix_b.shape[0]
+
+
+def _broadcast(gates: torch.Tensor, channels_first: bool) -> torch.Tensor:
+    """Per-sample gates ``(b, r)`` as ``(b, r, 1)`` (channels-first) or ``(b, 1, r)``, to multiply ``h``."""
+    return gates.unsqueeze(-1) if channels_first else gates.unsqueeze(1)
+
+
 def _forward(
     result: torch.Tensor, hidden: torch.Tensor, matrix_b: torch.Tensor, gates: torch.Tensor, channels_first: bool
 ) -> torch.Tensor:
-    if gates.shape != hidden.shape:  # per-sample gates (b, r)
+    """``result + B (g * h)``; per-token gates are shaped like ``h`` (or broadcast to it)."""
+    if gates.dim() == 2 and gates.shape != hidden.shape:  # per-sample gates (b, r)
+        if not _folds(hidden, matrix_b, channels_first):
+            return _forward(result, hidden, matrix_b, _broadcast(gates, channels_first), channels_first)
         weight = _sample_weight(matrix_b, gates, channels_first)
         left, right = (weight, hidden) if channels_first else (hidden, weight)
         return torch.baddbmm(result, left, right)
@@ -78,7 +92,7 @@ def _backward_token(
     elif need_b:
         grad_b = grad_out.reshape(-1, grad_out.shape[-1]).t().mm((hidden * gates).reshape(-1, hidden.shape[-1]))
     grad_hidden = grad_gated * gates if need_hidden else None
-    grad_gates = grad_gated * hidden if need_gates else None
+    grad_gates = (grad_gated * hidden).sum_to_size(gates.shape) if need_gates else None
     return grad_hidden, grad_b, grad_gates
 
 
@@ -109,8 +123,16 @@ class _GatedUpdate(torch.autograd.Function):
     def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, matrix_b, gates = ctx.saved_tensors
         need_result, need_hidden, need_b, need_gates, _ = ctx.needs_input_grad
-        backward = _backward_token if gates.shape == hidden.shape else _backward_sample
-        grads = backward(grad_out, hidden, matrix_b, gates, ctx.channels_first, (need_hidden, need_b, need_gates))
+        needs, channels_first = (need_hidden, need_b, need_gates), ctx.channels_first
+        if gates.shape == hidden.shape:
+            grads = _backward_token(grad_out, hidden, matrix_b, gates, channels_first, needs)
+        elif _folds(hidden, matrix_b, channels_first):
+            grads = _backward_sample(grad_out, hidden, matrix_b, gates, channels_first, needs)
+        else:  # few tokens: the gates multiply h (as in the forward), their gradient summed over the tokens
+            grad_hidden, grad_b, grad_gates = _backward_token(
+                grad_out, hidden, matrix_b, _broadcast(gates, channels_first), channels_first, needs
+            )
+            grads = grad_hidden, grad_b, None if grad_gates is None else grad_gates.reshape(gates.shape)
         return (grad_out if need_result else None, *grads, None)
 
 

@@ -83,11 +83,12 @@ def _saved_bytes(fn) -> int:
     return sum(saved.values())
 
 
+@pytest.mark.parametrize("tokens", [64, 4])  # 64 >= o: gates folded into B; 4 < o: gates multiply h
 @pytest.mark.parametrize("channels_first", [False, True])
-def test_keeps_hidden_gates_and_b_only(channels_first) -> None:
+def test_keeps_hidden_gates_and_b_only(channels_first, tokens) -> None:
     """The plain graph keeps ``h``, ``g``, ``g * h`` and ``B``; ours drops the ``(b, n, r)`` product."""
     # per-sample gates: the plain graph of the folded form keeps a gated copy of B instead, (b, o, r)
-    batch, tokens, rank, out = 2, 64, 8, 16
+    batch, rank, out = 2, 8, 16
     inputs = _inputs(batch, tokens, rank, out, per_token=False, channels_first=channels_first, dtype=torch.float32)
     hidden_bytes = batch * tokens * rank * 4
     gate_bytes = batch * rank * 4
@@ -152,7 +153,12 @@ def test_cuda_under_bf16_autocast_matches_plain_autograd(channels_first, per_tok
         expected = _reference(*[t.to(torch.bfloat16) for t in inputs], channels_first)
     grads = torch.autograd.grad(ours.float().sum(), inputs)
     expected_grads = torch.autograd.grad(expected.float().sum(), inputs)
-    torch.testing.assert_close(ours.float(), expected.float(), rtol=3e-2, atol=3e-2)
+
+    def relative(a, b):  # bf16 rounds the two graphs differently element by element: compare the whole tensor
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    assert ours.dtype == torch.bfloat16
+    assert relative(ours, expected) <= 1e-2
     for tensor, got, want in zip(inputs, grads, expected_grads, strict=True):
         assert got.dtype == tensor.dtype and got.device == tensor.device
-        torch.testing.assert_close(got, want.float(), rtol=3e-2, atol=5e-2)
+        assert relative(got, want) <= 1e-2
