@@ -25,8 +25,8 @@ Per-token routing always takes the dense-masked path: per-token gates cannot be 
 Training never merges (a merged weight would need the frozen weight's gradient GEMM). On a CPU it gathers per
 sample when that also keeps less for backward than the dense path (:func:`gather_saves_memory`): the gathered
 ``k`` ranks' intermediate ``(n, k)`` plus the gathered rows of ``A`` and columns of ``B`` against the dense
-``(n, r)``. Where it does (many tokens per sample) the gathered branch was also the faster one, 0.84-0.91x PEFT
-LoRA against 0.95-1.01x dense in training on a 2-core CPU (three runs); elsewhere training stays dense.
+``(n, r)``. Where it does (many tokens per sample) the gathered branch was also the faster one, 0.77-0.91x PEFT
+LoRA against 0.95-1.01x dense in training on a 2-core CPU (four runs); elsewhere training stays dense.
 """
 
 from __future__ import annotations
