@@ -161,6 +161,19 @@ def test_static_adapter_paths_agree(kind) -> None:
     assert rel_err(outputs["dense"], base_out) > 1e-3
 
 
+def training_step(model, layer, x, cond, path, device="cpu") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(model(x) ** 2).sum()`` backward on ``path`` and ``device``: the output and every gradient, on the CPU."""
+    model.to(device).zero_grad(set_to_none=True)
+    layer.execution_path["default"] = path
+    xi = x.detach().to(device).clone().requires_grad_()
+    with rankmoe.condition(model, cond.to(device)):
+        out = model(xi)
+        out.pow(2).sum().backward()
+    assert layer.last_execution_paths["default"] == path
+    grads = {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach().cpu(), {**grads, "input": xi.grad.cpu()}
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_gradients_agree_across_paths(kind) -> None:
     """A path forced in training is differentiable and gives the dense path's gradients."""
@@ -169,16 +182,7 @@ def test_gradients_agree_across_paths(kind) -> None:
     model, layer = build(base, layout)
     x = torch.randn(3, 7, 6) if kind == "linear" else torch.randn(3, 3, 5, 5)
     cond = torch.randn(3, CONDITION_DIM)
-    grads = {}
-    for path in PATHS:
-        model.zero_grad(set_to_none=True)
-        layer.execution_path["default"] = path
-        xi = x.clone().requires_grad_()
-        with rankmoe.condition(model, cond):
-            model(xi).pow(2).sum().backward()
-        assert layer.last_execution_paths["default"] == path
-        grads[path] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        grads[path]["input"] = xi.grad.clone()
+    grads = {path: training_step(model, layer, x, cond, path)[1] for path in PATHS}
     assert any("router" in name for name in grads["dense"])
     for path in ("gather", "merge"):
         assert grads[path].keys() == grads["dense"].keys()
@@ -196,23 +200,12 @@ def test_cuda_training_matches_cpu_on_every_path(kind) -> None:
     x = torch.randn(3, 40, 24) if kind == "linear" else torch.randn(3, 6, 9, 9)
     cond = torch.randn(3, CONDITION_DIM)
 
-    def step(device, path):
-        model.to(device).zero_grad(set_to_none=True)
-        layer.execution_path["default"] = path
-        xi = x.detach().to(device).clone().requires_grad_()
-        with rankmoe.condition(model, cond.to(device)):
-            out = model(xi)
-            out.pow(2).sum().backward()
-        assert layer.last_execution_paths["default"] == path
-        grads = {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
-        return out.detach().cpu(), {**grads, "input": xi.grad.cpu()}
-
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        expected_out, expected = step("cpu", "dense")
+        expected_out, expected = training_step(model, layer, x, cond, "dense")
         for path in PATHS:
-            out, grads = step("cuda", path)
+            out, grads = training_step(model, layer, x, cond, path, device="cuda")
             assert rel_err(out, expected_out) <= 1e-5, path
             assert grads.keys() == expected.keys()
             for name, grad in expected.items():
